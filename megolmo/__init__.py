@@ -1,0 +1,1 @@
+"""megolmo: a Megatron-style 3D-parallel trainer for the OLMo 2 model family."""
