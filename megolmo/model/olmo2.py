@@ -1,0 +1,108 @@
+"""The OLMo 2 causal LM, read top to bottom: embed -> blocks -> final norm -> LM head -> loss.
+
+Parameter names equal transformers' ``Olmo2ForCausalLM`` names, so conversion is a rename-free
+copy. A model may hold a contiguous range of the layers, with or without the embedding and the
+head: that is how a pipeline stage is built, without the model knowing it is pipelined.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megolmo.model.block import Block
+from megolmo.model.config import ModelConfig
+from megolmo.model.norm import RMSNorm
+from megolmo.model.rope import RotaryEmbedding
+from megolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megolmo.parallel.layers import TensorParallel, VocabParallelEmbedding, VocabParallelHead
+
+
+class Olmo2Body(nn.Module):
+    """``embed_tokens``, ``layers`` and ``norm``: the part transformers calls ``model``."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_ids: Iterable[int], with_embedding: bool,
+                 with_final_norm: bool, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tp = tp
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        if device is not None:
+            rope = rope.to(device)
+        if with_embedding:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.vocab_pad_multiple,
+                                                       device=device)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp, rope, device=device) for i in layer_ids})
+        if with_final_norm:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device)
+            self.norm.weight.sequence_parallel = tp.sequence_parallel and tp.size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "embed_tokens"):
+            x = self.embed_tokens(x)
+        for block in self.layers.values():
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if hasattr(self, "norm"):
+            x = self.norm(x)
+        return x
+
+
+class Olmo2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, layer_ids: Iterable[int] | None = None,
+                 with_embedding: bool = True, with_head: bool = True, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tp = tp or TensorParallel()
+        layer_ids = range(cfg.num_hidden_layers) if layer_ids is None else layer_ids
+        self.model = Olmo2Body(cfg, self.tp, layer_ids, with_embedding, with_head, device)
+        if with_head:
+            self.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, self.tp, cfg.vocab_pad_multiple,
+                                             device=device)
+
+    @property
+    def has_head(self) -> bool:
+        return hasattr(self, "lm_head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (or the previous stage's hidden states) to this rank's slice of the logits
+        (or hidden states when this model holds no head)."""
+        h = self.model(x)
+        return self.lm_head(h) if self.has_head else h
+
+    def loss_sums(self, x: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums over loss-bearing tokens of the cross-entropy and of logsumexp^2 (the z-loss term).
+
+        Sums, not means: the caller divides by the global number of loss-bearing tokens, which
+        makes the loss identical for every micro-batch split and data-parallel layout.
+        """
+        logits = self(x)
+        ce, lse = vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(),
+                                               self.lm_head.vocab_start, self.lm_head.valid_rows, self.tp.group)
+        mask = loss_mask.flatten().to(ce.dtype)
+        return (ce * mask).sum(), (lse.square() * mask).sum()
+
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits over the true vocabulary, gathered across TP ranks: for tests and evaluation."""
+        logits = self(input_ids)
+        if self.tp.size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp.group)
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., : self.cfg.vocab_size]
+
+
+def shift_targets(input_ids: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and loss mask aligned with every input position: position t predicts token t+1;
+    the last position predicts nothing. Keeping all positions keeps shapes even for sequence parallelism."""
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    loss_mask = torch.zeros_like(label_mask, dtype=torch.bool)
+    loss_mask[:, :-1] = label_mask[:, 1:]
+    return targets, loss_mask
+

@@ -1,0 +1,57 @@
+"""Cross-entropy and logsumexp over vocabulary-split logits, without gathering the logits.
+
+The max and the sum of exponentials are reduced across the TP group; columns past the true
+vocabulary (padding) are excluded from the softmax on every rank, so the loss does not depend
+on how much padding the TP size needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megolmo.parallel.mappings import Group, all_reduce_sum, group_size
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, valid_cols: int,
+                group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits.float()
+        if valid_cols < x.shape[-1]:
+            x = x.clone() if x is logits else x
+            x[..., valid_cols:] = float("-inf")
+        col_max = x.max(dim=-1).values
+        if group_size(group) > 1:
+            dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = x - col_max.unsqueeze(-1)
+        local_targets = targets - vocab_start
+        in_range = (local_targets >= 0) & (local_targets < valid_cols)
+        safe_targets = local_targets.masked_fill(~in_range, 0).unsqueeze(-1)
+        target_logit = shifted.gather(-1, safe_targets).squeeze(-1).masked_fill(~in_range, 0.0)
+        probs = shifted.exp_()
+        sum_exp = all_reduce_sum(probs.sum(dim=-1), group)
+        all_reduce_sum(target_logit, group)
+        log_sum_exp = sum_exp.log()
+        probs.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(probs, safe_targets, in_range)
+        ctx.logits_dtype = logits.dtype
+        return log_sum_exp - target_logit, log_sum_exp + col_max
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, grad_lse: torch.Tensor):
+        probs, safe_targets, in_range = ctx.saved_tensors
+        grad = probs.mul_((grad_ce + grad_lse).unsqueeze(-1))
+        grad.scatter_add_(-1, safe_targets, (-grad_ce * in_range).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int = 0,
+                                 valid_cols: int | None = None,
+                                 group: Group = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and logsumexp (both fp32) from this rank's slice of the logits.
+
+    ``vocab_start`` is the global id of local column 0; ``valid_cols`` how many local columns are
+    real vocabulary (the rest is padding).
+    """
+    valid = logits.shape[-1] if valid_cols is None else valid_cols
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, valid, group)

@@ -1,0 +1,47 @@
+"""The run directory of DESIGN.md, written by global rank 0 only.
+
+One directory is shared by all ranks: its default name is chosen on rank 0 and broadcast, because
+a per-process timestamp (Hydra's ``${now:}``) would give every rank a different directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+
+def choose_run_dir(requested: str | None, model_name: str) -> Path:
+    if requested:
+        return Path(requested)
+    name = [f"runs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+class RunDirectory:
+    def __init__(self, path: Path, is_writer: bool):
+        self.path = path
+        self.is_writer = is_writer
+        if is_writer:
+            path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: DictConfig) -> None:
+        if self.is_writer:
+            (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.is_writer:
+            tmp = self.path / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.path / "summary.json")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if self.is_writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")

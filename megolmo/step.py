@@ -1,0 +1,27 @@
+"""One optimizer step's forward and backward passes over this rank's micro-batches (no pipelining).
+
+Each micro-batch's loss is its *sum* of token losses divided by the global batch's number of
+loss-bearing tokens, so gradients summed over micro-batches and data-parallel ranks equal the
+gradient of the global mean, whatever the split (DESIGN.md's loss convention).
+"""
+from __future__ import annotations
+
+import torch
+
+from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
+
+
+def forward_backward(model: Olmo2ForCausalLM, micro_batches: list[dict[str, torch.Tensor]], loss_tokens: int,
+                     z_loss: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns this rank's summed cross-entropy and summed logsumexp^2 (both detached, fp32)."""
+    denominator = max(loss_tokens, 1)
+    ce_total = torch.zeros((), device=device)
+    z_total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        targets, loss_mask = shift_targets(input_ids, batch["label_mask"].to(device, non_blocking=True))
+        ce_sum, z_sum = model.loss_sums(input_ids, targets, loss_mask)
+        ((ce_sum + z_loss * z_sum) / denominator).backward()
+        ce_total += ce_sum.detach()
+        z_total += z_sum.detach()
+    return ce_total, z_total

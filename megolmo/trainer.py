@@ -1,0 +1,188 @@
+"""The training loop: data -> forward/backward over micro-batches -> optimizer step -> metrics.
+
+Everything that can be checked is checked before the model is allocated, so a bad config costs
+seconds, not a queue wait plus a model build.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from megolmo.data.loader import GlobalBatchLoader, build_loader
+from megolmo.errors import MegolmoConfigError
+from megolmo.flops import device_peak_flops, training_flops_per_token
+from megolmo.model.config import ModelConfig
+from megolmo.model.init import initialize_parameters
+from megolmo.model.olmo2 import Olmo2ForCausalLM
+from megolmo.model.params import count_parameters
+from megolmo.optim.optimizer import AdamWSettings, MixedPrecisionAdamW
+from megolmo.optim.schedule import check_schedule, learning_rate
+from megolmo.parallel.layers import TensorParallel
+from megolmo.parallel.mappings import all_reduce_sum
+from megolmo.parallel.state import ParallelState, initialize
+from megolmo.run_dir import RunDirectory, choose_run_dir
+from megolmo.step import forward_backward
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp8":
+        raise MegolmoConfigError("precision=fp8: needs a CUDA GPU with Transformer Engine or torchao; "
+                                 f"this process runs on {device.type}")
+    if precision not in PRECISIONS:
+        raise MegolmoConfigError(f"precision={precision}: choose fp32, bf16 or fp8")
+    return PRECISIONS[precision]
+
+
+def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:
+    """The TP divisibility rules, checked before allocating anything."""
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(cfg, key) % tp:
+            raise MegolmoConfigError(f"model.{key}={getattr(cfg, key)} is not divisible by parallel.tensor={tp}")
+    if sequence_parallel and seq_len % tp:
+        raise MegolmoConfigError(f"data.seq_len={seq_len} is not divisible by parallel.tensor={tp} "
+                                 "(needed by parallel.sequence_parallel=true)")
+    if seq_len > cfg.max_position_embeddings:
+        raise MegolmoConfigError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings="
+                                 f"{cfg.max_position_embeddings}")
+
+
+def build_model(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype: torch.dtype,
+                seed: int) -> Olmo2ForCausalLM:
+    model = Olmo2ForCausalLM(cfg, tp, device=ps.device)
+    initialize_parameters(model, seed, cfg.initializer_range)
+    return model.to(dtype)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    z_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    tokens_per_sec: float
+    mfu: float | None
+
+    def line(self, max_steps: int, eta_s: float) -> str:
+        return (f"step {self.step:>6}/{max_steps} | loss {self.loss:.4f} | z {self.z_loss:.2e} | "
+                f"gnorm {self.grad_norm:.3f} | lr {self.lr:.2e} | {self.tokens_per_sec:,.0f} tok/s | "
+                f"ETA {_duration(eta_s)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.model_cfg = ModelConfig.from_mapping(cfg.model)
+        t = cfg.trainer
+        check_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, t.max_steps)
+        if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+            raise MegolmoConfigError(f"trainer.stop_at={t.stop_at}: must be in 1..trainer.max_steps={t.max_steps}")
+        if cfg.parallel.pipeline != 1:
+            raise MegolmoConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: pipeline parallelism is not "
+                                     "available yet in this version")
+        check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
+        self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
+        self.dtype = compute_dtype(cfg.precision, self.ps.device)
+        self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
+                                                      self.ps.dp_rank, self.ps.dp)
+        self.tp = TensorParallel(self.ps.tp_group, bool(cfg.parallel.sequence_parallel))
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.model_cfg, self.ps, self.tp, self.dtype, t.seed)
+        o = cfg.optim
+        self.optimizer = MixedPrecisionAdamW(
+            self.model, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
+            self.ps.tp_rank, [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None])
+        self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
+        self.run_dir.write_config(cfg)
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        peak = t.peak_tflops * 1e12 if t.peak_tflops else device_peak_flops(self.ps.device)
+        self.peak_flops_total = peak * self.ps.world_size if peak else None
+        self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_len)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, start_step: int = 0) -> list[StepRecord]:
+        t = self.cfg.trainer
+        last = t.stop_at or t.max_steps
+        self.run_dir.write_summary(self.summary())
+        self.log(f"run directory: {self.run_dir.path.resolve()}")
+        records: list[StepRecord] = []
+        started = time.perf_counter()
+        for step in range(start_step, last):
+            records.append(self.train_step(step))
+            record = records[-1]
+            self.run_dir.append_metrics(record.__dict__)
+            if record.step % t.log_interval == 0 or record.step == last:
+                elapsed = time.perf_counter() - started
+                eta = elapsed / (step + 1 - start_step) * (last - step - 1)
+                self.log(record.line(t.max_steps, eta))
+        self.run_dir.write_summary(self.summary(records))
+        self.log(f"done: {len(records)} steps; run directory {self.run_dir.path.resolve()}")
+        return records
+
+    def train_step(self, step: int) -> StepRecord:
+        started = time.perf_counter()
+        lr = learning_rate(step, self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.cfg.trainer.max_steps,
+                           self.cfg.optim.schedule, self.cfg.optim.final_lr_ratio)
+        self.optimizer.zero_grad()
+        loss_tokens = self.loader.global_loss_tokens(step)
+        ce, z = forward_backward(self.model, self.loader.micro_batches(step), loss_tokens,
+                                 self.cfg.optim.z_loss, self.ps.device)
+        self.synchronize_gradients()
+        sums = all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group)
+        grad_norm = self.optimizer.step(lr)
+        elapsed = time.perf_counter() - started
+        tokens_per_sec = self.tokens_per_step / elapsed
+        mfu = (tokens_per_sec * self.flops_per_token / self.peak_flops_total) if self.peak_flops_total else None
+        denominator = max(loss_tokens, 1)
+        return StepRecord(step + 1, float(sums[0]) / denominator, float(sums[1]) / denominator, grad_norm, lr,
+                          (step + 1) * self.tokens_per_step, tokens_per_sec, mfu)
+
+    def synchronize_gradients(self) -> None:
+        """Sum gradients over data-parallel ranks, and over the TP group for weights that saw only a
+        sequence shard."""
+        all_reduce_sum(self.optimizer.grads.data, self.ps.dp_group)
+        for p in self.model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                all_reduce_sum(p.main_grad, self.ps.tp_group)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def summary(self, records: list[StepRecord] | None = None) -> dict:
+        local = torch.tensor([
+            sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            self.optimizer.grads.nbytes,
+            self.optimizer.state_bytes(),
+        ], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+        summary = {
+            "model": self.model_cfg.to_dict(),
+            "precision": self.cfg.precision,
+            "layout": {"world_size": self.ps.world_size, "tensor": self.ps.tp, "pipeline": self.ps.pp,
+                       "data": self.ps.dp, "sequence_parallel": self.tp.sequence_parallel},
+            "parameters": {"total": count_parameters(self.model_cfg),
+                           "per_rank": sum(p.numel() for p in self.model.parameters())},
+            "bytes_per_rank_max": {"params": int(local[0]), "grads": int(local[1]), "optimizer_state": int(local[2])},
+        }
+        if records:
+            rates = [r.tokens_per_sec for r in records]
+            summary.update(steps=records[-1].step, tokens=records[-1].tokens, final_loss=records[-1].loss,
+                           median_tokens_per_sec=statistics.median(rates),
+                           mfu=statistics.median([r.mfu for r in records]) if records[-1].mfu is not None else None)
+        return summary
+
+    def log(self, message: str) -> None:
+        if self.ps.is_main:
+            print(message, file=sys.stdout, flush=True)

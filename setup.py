@@ -1,0 +1,32 @@
+"""megolmo: a Megatron-style 3D-parallel trainer for OLMo 2.
+
+torch is deliberately unpinned here so GPU users keep their own CUDA build; the CPU install
+(``make venv``) pins the CPU wheel through ``requirements/cpu.txt``. The PyPI package named
+``apex`` is an unrelated web toolkit: NVIDIA apex is a source install (see README).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megolmo",
+    version="0.1.0",
+    description="Megatron-style tensor/pipeline/data-parallel trainer for the OLMo 2 model family",
+    packages=find_packages(include=["megolmo", "megolmo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.48"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.48"],
+        "mpi": ["mpi4py"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "bench": ["ai2-olmo-core", "transformers>=4.48"],
+    },
+)
