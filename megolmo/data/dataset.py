@@ -1,0 +1,139 @@
+"""A weighted, shuffled mixture of token files whose order depends only on the seed.
+
+Instance `i` of the dataset is a pure function of (files, seq_len, weights, seed, i): no state is carried
+between steps, so any step can be resumed, on any parallel layout, by indexing directly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from megolmo.data.token_file import TOKEN_DTYPES, TokenFile
+from megolmo.errors import MegolmoConfigError
+
+_SELECT_TAG = 0x5E1EC7  # keeps the per-source selection streams apart from the shuffle stream
+_CACHED_EPOCHS = 2  # the current epoch plus its neighbour, so a batch spanning a boundary does not rebuild
+
+
+class TokenDataset:
+    """Fixed-length instances from several token files, mixed by weight, reshuffled every epoch.
+
+    One epoch holds round(w_i / sum(w) * total_instances) instances of source i: all of them when the
+    weights are the default (each file's instance count), repeats for an upsampled source, a seeded subset
+    for a downsampled one. Indexes past the end of an epoch continue into the next, differently shuffled.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        seq_len: int,
+        dtype: str,
+        vocab_size: int,
+        seed: int,
+        label_mask_paths: list[str] | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
+        paths = list(paths)
+        _validate(paths, seq_len, dtype, vocab_size, seed, label_mask_paths, weights)
+        masks = list(label_mask_paths) if label_mask_paths else [None] * len(paths)
+        self.files = [TokenFile(p, seq_len, dtype, vocab_size, m) for p, m in zip(paths, masks)]
+        self.seq_len = seq_len
+        self.seed = seed
+        self.has_label_masks = bool(label_mask_paths)
+        sizes = np.array([len(f) for f in self.files], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        w = sizes.astype(np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.counts = [int(round(wi / w.sum() * int(sizes.sum()))) for wi in w]
+        self.epoch_len = sum(self.counts)
+        if self.epoch_len == 0:
+            raise MegolmoConfigError(f"data.weights={list(w)}: every source rounds to zero instances per epoch")
+        self._epochs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._epoch_index(0)
+
+    def __len__(self) -> int:
+        """Instances in one epoch; `__getitem__` accepts any non-negative index."""
+        return self.epoch_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        file, k = self._locate(index)
+        ids = torch.from_numpy(file.tokens(k).astype(np.int64))
+        mask = file.label_mask(k)
+        label_mask = torch.ones(self.seq_len, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
+        return {"input_ids": ids, "label_mask": label_mask}
+
+    def loss_tokens(self, index: int) -> int:
+        """Positions of instance `index` that carry a loss: labels are tokens 1..seq_len-1 whose mask is set."""
+        if not self.has_label_masks:
+            return self.seq_len - 1
+        file, k = self._locate(index)
+        return int(np.count_nonzero(file.label_mask(k)[1:]))
+
+    def _locate(self, index: int) -> tuple[TokenFile, int]:
+        if index < 0:
+            raise IndexError(f"dataset index {index} is negative")
+        epoch, pos = divmod(int(index), self.epoch_len)
+        flat = int(self._epoch_index(epoch)[pos])
+        source = int(np.searchsorted(self._offsets, flat, side="right")) - 1
+        return self.files[source], flat - int(self._offsets[source])
+
+    def _epoch_index(self, epoch: int) -> np.ndarray:
+        """Flat instance ids (file offset + instance) of one epoch, built once and kept for a couple of epochs."""
+        if epoch in self._epochs:
+            self._epochs.move_to_end(epoch)
+            return self._epochs[epoch]
+        parts = []
+        for source, count in enumerate(self.counts):
+            n = len(self.files[source])
+            select = np.random.default_rng([self.seed, epoch, _SELECT_TAG, source])
+            repeats = np.tile(np.arange(n, dtype=np.int64), count // n)
+            local = np.concatenate([repeats, select.permutation(n)[: count % n]])
+            parts.append(local + self._offsets[source])
+        shuffle = np.random.default_rng(self.seed if epoch == 0 else [self.seed, epoch])
+        index = shuffle.permutation(np.concatenate(parts))
+        self._epochs[epoch] = index
+        if len(self._epochs) > _CACHED_EPOCHS:
+            self._epochs.popitem(last=False)
+        return index
+
+
+def _validate(
+    paths: list[str],
+    seq_len: int,
+    dtype: str,
+    vocab_size: int,
+    seed: int,
+    label_mask_paths: list[str] | None,
+    weights: list[float] | None,
+) -> None:
+    if not paths:
+        raise MegolmoConfigError("data.paths is empty: give at least one token file")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise MegolmoConfigError(
+            f"data.seq_len={seq_len!r}: expected an integer >= 2 (an instance predicts its tokens 1..seq_len-1)"
+        )
+    if dtype not in TOKEN_DTYPES:
+        raise MegolmoConfigError(f"data.dtype={dtype!r}: expected one of {sorted(TOKEN_DTYPES)}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise MegolmoConfigError(f"model.vocab_size={vocab_size!r}: expected a positive integer")
+    if not isinstance(seed, int) or seed < 0:
+        raise MegolmoConfigError(f"data.seed={seed!r}: expected a non-negative integer")
+    if label_mask_paths and len(label_mask_paths) != len(paths):
+        raise MegolmoConfigError(
+            f"data.label_mask_paths has {len(label_mask_paths)} entries but data.paths has {len(paths)}: "
+            "give one mask file per token file, or none"
+        )
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(paths):
+            raise MegolmoConfigError(f"data.weights has {len(weights)} entries but data.paths has {len(paths)}")
+        try:
+            values = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.array([np.nan])
+        if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
+            raise MegolmoConfigError(
+                f"data.weights={weights}: expected finite non-negative numbers with a positive sum"
+            )
