@@ -147,7 +147,8 @@ class Trainer:
         tokens_per_sec = self.tokens_per_step / elapsed
         mfu = (tokens_per_sec * self.flops_per_token / self.peak_flops_total) if self.peak_flops_total else None
         denominator = max(loss_tokens, 1)
-        return StepRecord(step + 1, float(sums[0]) / denominator, float(sums[1]) / denominator, grad_norm, lr,
+        z_loss = self.cfg.optim.z_loss * float(sums[1]) / denominator
+        return StepRecord(step + 1, float(sums[0]) / denominator, z_loss, grad_norm, lr,
                           (step + 1) * self.tokens_per_step, tokens_per_sec, mfu)
 
     def synchronize_gradients(self) -> None:

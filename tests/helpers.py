@@ -1,0 +1,36 @@
+"""Test helpers: compose the real Hydra config, and run the real entry point in subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m megolmo.train`` (under torchrun when nproc > 1), one thread per rank."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megolmo.train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "-m", "megolmo.train", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
