@@ -24,7 +24,8 @@ from megolmo.optim.optimizer import AdamWSettings, MixedPrecisionAdamW
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.parallel.layers import TensorParallel
 from megolmo.parallel.mappings import all_reduce_sum
-from megolmo.parallel.state import ParallelState, initialize
+from megolmo.parallel.bootstrap import discover
+from megolmo.parallel.state import ParallelState, check_layout, initialize
 from megolmo.run_dir import RunDirectory, choose_run_dir
 from megolmo.step import forward_backward
 
@@ -93,6 +94,7 @@ class Trainer:
         if cfg.parallel.pipeline != 1:
             raise MegolmoConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: pipeline parallelism is not "
                                      "available yet in this version")
+        check_layout(discover().world_size, cfg.parallel.tensor, cfg.parallel.pipeline)
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
         self.dtype = compute_dtype(cfg.precision, self.ps.device)

@@ -1,0 +1,101 @@
+"""Rank discovery from each launcher's variables, the process-group layout, and real multi-rank runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megolmo.errors import MegolmoConfigError
+from megolmo.parallel.bootstrap import discover, first_host
+from megolmo.parallel.state import check_layout, layout_coordinates
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, free_port, run_entry_point
+from tests.test_trainer import tiny_overrides
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node07", "node07"), ("gpu[003-005,010]", "gpu003"), ("gpu[12,14],cpu1", "gpu12"), ("a-b-1,a-b-2", "a-b-1")])
+def test_first_host_of_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_discover_each_launcher():
+    torchrun = discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                         "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr, torchrun.master_port,
+            torchrun.launcher) == (3, 8, 1, "n1", 1234, "torchrun")
+    slurm = discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+                      "SLURM_JOB_NODELIST": "gpu[004-005]"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr, slurm.launcher) == \
+        (5, 16, 5, "gpu004", "slurm")
+    ompi = discover({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                     "MASTER_ADDR": "h"})
+    assert (ompi.rank, ompi.world_size, ompi.local_rank, ompi.launcher) == (2, 4, 2, "mpi")
+    mpich = discover({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"})
+    assert (mpich.rank, mpich.world_size, mpich.local_rank) == (1, 2, 1)
+    beaker = discover({"BEAKER_REPLICA_RANK": "1", "BEAKER_REPLICA_COUNT": "2",
+                       "BEAKER_LEADER_REPLICA_HOSTNAME": "leader"})
+    assert (beaker.rank, beaker.world_size, beaker.master_addr, beaker.launcher) == (1, 2, "leader", "beaker")
+    assert discover({}).world_size == 1
+
+
+def test_layout_tensor_fastest_then_data_then_pipeline():
+    # rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank, with tp=2, dp=2, pp=2
+    assert [layout_coordinates(r, 2, 2) for r in range(8)] == [
+        (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+    assert check_layout(8, 2, 2) == 2
+    with pytest.raises(MegolmoConfigError, match="world size 6 is not divisible by parallel.tensor=4"):
+        check_layout(6, 4, 1)
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_data_parallel_ranks_match_one_process(tmp_path):
+    """torchrun with 2 ranks (DP=2) and a default run directory shared by both ranks."""
+    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
+    common = ["trainer.max_steps=4", "optim.warmup_steps=1"]
+    single = run_entry_point(tiny_overrides(tmp_path / "one", tokens, *common))
+    assert single.returncode == 0, single.stderr
+    overrides = [o for o in tiny_overrides(tmp_path / "two", tokens, *common) if not o.startswith("trainer.run_dir")]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "megolmo.train", f"hydra.searchpath=[file://{ROOT}/conf]", *overrides]
+    two = subprocess.run(cmd, cwd=workdir, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr
+    run_dirs = list((workdir / "runs").iterdir())
+    assert len(run_dirs) == 1, run_dirs  # one directory for both ranks
+    assert json.loads((run_dirs[0] / "summary.json").read_text())["layout"]["data"] == 2
+    for a, b in zip(_losses(tmp_path / "one" / "run"), _losses(run_dirs[0])):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_slurm_variables_launch_real_ranks(tmp_path):
+    """Two processes that know their rank only from SLURM_* variables form one job."""
+    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
+    port = str(free_port())
+    overrides = tiny_overrides(tmp_path, tokens, "trainer.max_steps=2", "optim.warmup_steps=1")
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "megolmo.train", *overrides], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outputs]
+    assert "step      2/2" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 prints
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["layout"]["world_size"] == 2
+
+
+def test_bad_layout_ends_every_rank(tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
+    result = run_entry_point(tiny_overrides(tmp_path, tokens, "parallel.tensor=3"), nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert "world size 2 is not divisible by parallel.tensor=3" in result.stderr
