@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
+import torch.distributed
 from omegaconf import DictConfig
 
 from megolmo.errors import MegolmoConfigError
@@ -14,18 +16,44 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def run(cfg: DictConfig) -> None:
+    """Train; on failure make every rank exit instead of leaving peers blocked in a collective.
+
+    A config error is detected identically on every rank: rank 0 prints it in one line. Any other
+    error is printed in full by the rank where it happened, which then exits at once: its closed
+    connections fail the peers' pending collectives, and the peers exit with a one-line notice.
+    """
+    from megolmo.parallel.bootstrap import discover
     from megolmo.parallel.state import shutdown
     from megolmo.trainer import Trainer
 
+    rank = discover().rank
     try:
         Trainer(cfg).fit()
     except MegolmoConfigError as error:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        if rank == "0":
+        if rank == 0:
             print(f"megolmo: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    finally:
-        shutdown()
+    except Exception as error:  # noqa: BLE001 - the last line of defence for a multi-rank job
+        if is_peer_failure(error):
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"megolmo: rank {rank}: stopping because another rank failed ({first_line})",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"megolmo: rank {rank} failed:", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+    shutdown()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective or point-to-point operation failed because a peer died or timed out."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return any(marker in text for marker in ("Connection closed by peer", "Connection reset by peer",
+                                              "Timed out waiting", "timed out", "Broken pipe"))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
+from torch import nn
 
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
@@ -26,6 +28,9 @@ from megolmo.parallel.layers import TensorParallel
 from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.bootstrap import discover
 from megolmo.parallel.state import ParallelState, check_layout, initialize
+from megolmo.pipeline.engine import PipelineEngine, ScheduleRecord
+from megolmo.pipeline.layout import check_micro_batches, chunk_layer_ranges, chunks_of_rank
+from megolmo.pipeline.timeline import busy_and_span, theoretical_bubble, write_timeline
 from megolmo.run_dir import RunDirectory, choose_run_dir
 from megolmo.step import forward_backward
 
@@ -54,11 +59,16 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
                                  f"{cfg.max_position_embeddings}")
 
 
-def build_model(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype: torch.dtype,
-                seed: int) -> Olmo2ForCausalLM:
-    model = Olmo2ForCausalLM(cfg, tp, device=ps.device)
-    initialize_parameters(model, seed, cfg.initializer_range)
-    return model.to(dtype)
+def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype: torch.dtype, seed: int,
+                 layer_ranges: list[range], virtual: int) -> list[Olmo2ForCausalLM]:
+    """This rank's model chunks: all layers when there is no pipeline, else its share of them."""
+    chunks = []
+    for g in chunks_of_rank(ps.pp_rank, ps.pp, virtual):
+        chunk = Olmo2ForCausalLM(cfg, tp, layer_ids=layer_ranges[g], with_embedding=g == 0,
+                                 with_head=g == len(layer_ranges) - 1, device=ps.device)
+        initialize_parameters(chunk, seed, cfg.initializer_range)
+        chunks.append(chunk.to(dtype))
+    return chunks
 
 
 @dataclass
@@ -91,18 +101,30 @@ class Trainer:
         check_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, t.max_steps)
         if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
             raise MegolmoConfigError(f"trainer.stop_at={t.stop_at}: must be in 1..trainer.max_steps={t.max_steps}")
-        if cfg.parallel.pipeline != 1:
-            raise MegolmoConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: pipeline parallelism is not "
-                                     "available yet in this version")
+        p = cfg.parallel
+        if p.virtual_pipeline > 1 and p.pipeline == 1:
+            raise MegolmoConfigError(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1")
+        self.layer_ranges = chunk_layer_ranges(self.model_cfg.num_hidden_layers, p.pipeline, p.virtual_pipeline,
+                                               p.pipeline_layers)
         check_layout(discover().world_size, cfg.parallel.tensor, cfg.parallel.pipeline)
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
         self.dtype = compute_dtype(cfg.precision, self.ps.device)
         self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                       self.ps.dp_rank, self.ps.dp)
-        self.tp = TensorParallel(self.ps.tp_group, bool(cfg.parallel.sequence_parallel))
+        check_micro_batches(self.loader.num_micro_batches, p.pipeline, p.virtual_pipeline)
+        self.tp = TensorParallel(self.ps.tp_group, bool(p.sequence_parallel))
         torch.manual_seed(t.seed)
-        self.model = build_model(self.model_cfg, self.ps, self.tp, self.dtype, t.seed)
+        self.chunks = build_chunks(self.model_cfg, self.ps, self.tp, self.dtype, t.seed, self.layer_ranges,
+                                   p.virtual_pipeline)
+        self.model = nn.ModuleList(self.chunks)
+        self.engine = None
+        if self.ps.pp > 1:
+            seq = cfg.data.seq_len // (self.ps.tp if self.tp.sequence_parallel else 1)
+            self.engine = PipelineEngine(self.chunks, self.ps, p.virtual_pipeline, self.loader.num_micro_batches,
+                                         (t.micro_batch_size, seq, self.model_cfg.hidden_size), self.dtype)
+        self.pipeline_time = [0.0, 0.0]  # this rank's forward/backward seconds and step seconds
+        self.max_alive_activations = 0
         o = cfg.optim
         self.optimizer = MixedPrecisionAdamW(
             self.model, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
@@ -140,10 +162,14 @@ class Trainer:
                            self.cfg.optim.schedule, self.cfg.optim.final_lr_ratio)
         self.optimizer.zero_grad()
         loss_tokens = self.loader.global_loss_tokens(step)
-        ce, z = forward_backward(self.model, self.loader.micro_batches(step), loss_tokens,
-                                 self.cfg.optim.z_loss, self.ps.device)
+        micro_batches = self.loader.micro_batches(step)
+        if self.engine is None:
+            ce, z = forward_backward(self.chunks[0], micro_batches, loss_tokens, self.cfg.optim.z_loss, self.ps.device)
+        else:
+            ce, z = self.engine.run(micro_batches, loss_tokens, self.cfg.optim.z_loss)
+            self.account_pipeline(step + 1, self.engine.last_record)
         self.synchronize_gradients()
-        sums = all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group)
+        sums = all_reduce_sum(all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group), self.ps.pp_group)
         grad_norm = self.optimizer.step(lr)
         elapsed = time.perf_counter() - started
         tokens_per_sec = self.tokens_per_step / elapsed
@@ -160,6 +186,30 @@ class Trainer:
         for p in self.model.parameters():
             if getattr(p, "sequence_parallel", False):
                 all_reduce_sum(p.main_grad, self.ps.tp_group)
+
+    def account_pipeline(self, step: int, record: ScheduleRecord) -> None:
+        busy, span = busy_and_span(record)
+        self.pipeline_time[0] += busy
+        self.pipeline_time[1] += span
+        self.max_alive_activations = max(self.max_alive_activations, record.max_alive)
+        if step in self.cfg.trainer.profile_steps:
+            records = [None] * self.ps.world_size if self.ps.is_main else None
+            dist.gather_object(record, records, dst=0)
+            if self.ps.is_main:
+                trace, png = write_timeline(records, self.run_dir.path, step)
+                self.log(f"pipeline timeline of step {step}: {trace} and {png}")
+
+    def bubble_fractions(self) -> dict:
+        """Measured (mean over ranks of idle / forward-backward time) beside the theoretical bubble."""
+        totals = torch.tensor(self.pipeline_time, dtype=torch.float64)
+        all_reduce_sum(totals, self.ps.world_group)
+        alive = [None] * self.ps.world_size
+        dist.all_gather_object(alive, (self.ps.pp_rank, self.max_alive_activations))
+        p = self.cfg.parallel
+        return {"max_alive_activation_sets_per_stage": [max(n for r, n in alive if r == s) for s in range(self.ps.pp)],
+                "measured": float((totals[1] - totals[0]) / totals[0]) if totals[0] > 0 else None,
+                "theoretical": theoretical_bubble(p.pipeline, self.loader.num_micro_batches, p.virtual_pipeline),
+                "micro_batches": self.loader.num_micro_batches, "virtual_pipeline": p.virtual_pipeline}
 
     # -- reporting ------------------------------------------------------------------------------
     def summary(self, records: list[StepRecord] | None = None) -> dict:
@@ -179,6 +229,9 @@ class Trainer:
                            "per_rank": sum(p.numel() for p in self.model.parameters())},
             "bytes_per_rank_max": {"params": int(local[0]), "grads": int(local[1]), "optimizer_state": int(local[2])},
         }
+        if self.engine is not None:
+            summary["pipeline_bubble"] = self.bubble_fractions() if records else None
+            summary["pipeline_layers"] = [len(r) for r in self.layer_ranges]
         if records:
             rates = [r.tokens_per_sec for r in records]
             summary.update(steps=records[-1].step, tokens=records[-1].tokens, final_loss=records[-1].loss,

@@ -1,0 +1,151 @@
+"""Pipeline parallelism on real gloo processes: layout parity, schedule order, activation memory, failures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megolmo.errors import MegolmoConfigError
+from megolmo.pipeline.layout import check_micro_batches, chunk_layer_ranges
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, free_port, run_entry_point
+
+STEPS = 10
+LAYOUTS = {  # name: (ranks, overrides)
+    "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"]),
+    "pp4": (4, ["parallel.pipeline=4", "trainer.profile_steps=[2]"]),
+    "pp2-v2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "trainer.profile_steps=[2]"]),
+    "pp2-uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[3,1]"]),
+    "tp2-pp2-sp": (4, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+}
+
+
+def overrides(run_dir: Path, tokens: str, *extra: str) -> list[str]:
+    # the tiny model has 4 layers; 8 micro-batches of one sequence per step
+    return [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
+            "trainer.global_batch_size=8", "trainer.micro_batch_size=1", f"trainer.max_steps={STEPS}",
+            "optim.lr=2e-3", "optim.warmup_steps=2", f"trainer.run_dir={run_dir}", "parallel.timeout_s=60", *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One process plus each pipeline layout, 10 steps each from the same seed and data."""
+    base = tmp_path_factory.mktemp("pipeline")
+    tokens = write_tokens(base / "tokens.npy", 40_000, 300)
+    done = {}
+    for name, (ranks, extra) in {"single": (1, []), **LAYOUTS}.items():
+        result = run_entry_point(overrides(base / name, tokens, *extra), nproc=ranks, timeout=300)
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        done[name] = base / name
+    return done
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pipeline_layouts_match_one_process(runs, layout):
+    reference, got = metrics(runs["single"]), metrics(runs[layout])
+    assert len(got) == STEPS
+    assert got[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
+    for a, b in zip(reference, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def reference_1f1b(p: int, rank: int, m: int) -> list[tuple[str, int, int]]:
+    warmup = min(p - rank - 1, m)
+    ops = [("F", i, 0) for i in range(warmup)]
+    for i in range(m - warmup):
+        ops += [("F", warmup + i, 0), ("B", i, 0)]
+    return ops + [("B", i, 0) for i in range(m - warmup, m)]
+
+
+def reference_interleaved(p: int, rank: int, m: int, v: int) -> list[tuple[str, int, int]]:
+    """Megatron's interleaved order written out: forwards visit chunks 0..v-1 for each group of p
+    micro-batches, backwards visit them v-1..0; warm-up (p - rank - 1) * 2 + (v - 1) * p forwards."""
+    forwards = [("F", g * p + i, c) for g in range(m // p) for c in range(v) for i in range(p)]
+    backwards = [("B", g * p + i, c) for g in range(m // p) for c in reversed(range(v)) for i in range(p)]
+    warmup = min((p - rank - 1) * 2 + (v - 1) * p, m * v)
+    ops = forwards[:warmup]
+    for i in range(m * v - warmup):
+        ops += [forwards[warmup + i], backwards[i]]
+    return ops + backwards[m * v - warmup:]
+
+
+def recorded_order(run_dir: Path, step: int) -> dict[int, list[tuple[str, int, int]]]:
+    """Forward/backward spans of each rank, in time order, from the written Chrome trace."""
+    trace = json.loads((run_dir / f"pipeline_step{step}.json").read_text())["traceEvents"]
+    by_rank: dict[int, list] = {}
+    for event in sorted((e for e in trace if e["ph"] == "X" and e["cat"] in ("F", "B")), key=lambda e: e["ts"]):
+        micro_batch, chunk = event["name"][1:].split(".")
+        by_rank.setdefault(event["tid"], []).append((event["cat"], int(micro_batch), int(chunk)))
+    return by_rank
+
+
+@pytest.mark.parametrize("layout, p, v", [("pp2", 2, 1), ("pp4", 4, 1), ("pp2-v2", 2, 2)])
+def test_recorded_schedule_is_the_reference_order(runs, layout, p, v):
+    order = recorded_order(runs[layout], 2)
+    assert sorted(order) == list(range(p))
+    for rank in range(p):
+        expected = reference_1f1b(p, rank, 8) if v == 1 else reference_interleaved(p, rank, 8, v)
+        assert order[rank] == expected, f"rank {rank}"
+    assert (runs[layout] / "pipeline_step2.png").stat().st_size > 10_000
+
+
+def test_first_stage_holds_at_most_p_activation_sets(runs):
+    for layout, p in (("pp2", 2), ("pp4", 4)):
+        summary = json.loads((runs[layout] / "summary.json").read_text())
+        alive = summary["pipeline_bubble"]["max_alive_activation_sets_per_stage"]
+        assert alive[0] <= p and alive[0] < 8, (layout, alive)  # 8 micro-batches: GPipe would keep all 8
+        assert alive == [p - s for s in range(p)], alive  # warm-up depth + 1 on every stage
+        bubble = summary["pipeline_bubble"]
+        assert bubble["theoretical"] == pytest.approx((p - 1) / 8) and bubble["measured"] > 0
+
+
+def test_a_failing_stage_ends_the_whole_job(tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MEGOLMO_TEST_FAIL_RANK": "1",
+           "MEGOLMO_TEST_FAIL_AFTER": "20"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
+           str(ROOT / "tests" / "workers" / "failing_stage.py"),
+           *overrides(tmp_path / "run", tokens, "parallel.pipeline=4", "parallel.timeout_s=30")]
+    started = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90
+    assert result.stderr.count("ValueError: injected failure on rank 1") == 1
+    assert "megolmo: rank 1 failed:" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ((5, 2, 1, None), "model.num_hidden_layers=5 is not divisible by parallel.pipeline=2"),
+    ((6, 2, 2, None), r"parallel.pipeline x parallel.virtual_pipeline=4"),
+    ((5, 2, 1, [3, 1]), r"must be non-negative and sum to model.num_hidden_layers=5"),
+    ((5, 2, 1, [3, 1, 1]), "needs 2 entries"),
+])
+def test_bad_pipeline_splits(args, message):
+    with pytest.raises(MegolmoConfigError, match=message.replace(".", r"\.") if "\\" not in message else message):
+        chunk_layer_ranges(*args)
+
+
+def test_uneven_split_and_micro_batch_rules():
+    assert chunk_layer_ranges(5, 2, 1, [3, 2]) == [range(0, 3), range(3, 5)]
+    assert chunk_layer_ranges(8, 2, 2) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    check_micro_batches(3, 4, 1)  # 1F1B accepts fewer micro-batches than stages
+    with pytest.raises(MegolmoConfigError, match="multiple of parallel.pipeline=4; got 2"):
+        check_micro_batches(2, 4, 2)
+
+
+def test_pipeline_config_errors_at_start_up(tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    result = run_entry_point(overrides(tmp_path / "run", tokens, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                                       "trainer.global_batch_size=1"), nproc=2, timeout=120)
+    assert result.returncode == 2
+    assert "megolmo: error: the interleaved schedule needs a number of micro-batches" in result.stderr
