@@ -147,5 +147,5 @@ def test_pipeline_config_errors_at_start_up(tmp_path):
     tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
     result = run_entry_point(overrides(tmp_path / "run", tokens, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
                                        "trainer.global_batch_size=1"), nproc=2, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode != 0  # torchrun reports a child's exit code 2 as 1
     assert "megolmo: error: the interleaved schedule needs a number of micro-batches" in result.stderr
