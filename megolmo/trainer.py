@@ -22,7 +22,9 @@ from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.model.params import count_parameters
-from megolmo.optim.optimizer import AdamWSettings, MixedPrecisionAdamW
+from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
+from megolmo.optim.buffers import FlatBuffers
+from megolmo.optim.grad_sync import GradientSynchronizer
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.parallel.layers import TensorParallel
 from megolmo.parallel.mappings import all_reduce_sum
@@ -125,10 +127,16 @@ class Trainer:
                                          (t.micro_batch_size, seq, self.model_cfg.hidden_size), self.dtype)
         self.pipeline_time = [0.0, 0.0]  # this rank's forward/backward seconds and step seconds
         self.max_alive_activations = 0
+        named = [(name, param) for chunk in self.chunks for name, param in chunk.named_parameters()]
+        self.buffers = FlatBuffers(named, self.ps.dp, int(p.bucket_size))
+        self.grad_sync = GradientSynchronizer(self.buffers, self.ps.dp_group, self.loader.num_micro_batches,
+                                              reduce_scatter=bool(p.distributed_optimizer),
+                                              overlap=bool(p.overlap_grad_reduce))
         o = cfg.optim
-        self.optimizer = MixedPrecisionAdamW(
-            self.model, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
-            self.ps.tp_rank, [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None])
+        self.optimizer = DistributedAdamW(
+            self.buffers, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
+            self.ps.dp_group, bool(p.distributed_optimizer), self.ps.tp_rank,
+            [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None])
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
         self.run_dir.write_config(cfg)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -160,7 +168,7 @@ class Trainer:
         started = time.perf_counter()
         lr = learning_rate(step, self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.cfg.trainer.max_steps,
                            self.cfg.optim.schedule, self.cfg.optim.final_lr_ratio)
-        self.optimizer.zero_grad()
+        self.grad_sync.start_step()
         loss_tokens = self.loader.global_loss_tokens(step)
         micro_batches = self.loader.micro_batches(step)
         if self.engine is None:
@@ -180,12 +188,12 @@ class Trainer:
                           (step + 1) * self.tokens_per_step, tokens_per_sec, mfu)
 
     def synchronize_gradients(self) -> None:
-        """Sum gradients over data-parallel ranks, and over the TP group for weights that saw only a
-        sequence shard."""
-        all_reduce_sum(self.optimizer.grads.data, self.ps.dp_group)
-        for p in self.model.parameters():
-            if getattr(p, "sequence_parallel", False):
-                all_reduce_sum(p.main_grad, self.ps.tp_group)
+        """Finish the data-parallel bucket reductions, then sum across the TP group the gradients of
+        weights that saw only a sequence shard (sums commute, so the order does not matter)."""
+        self.grad_sync.finish()
+        for slot in self.buffers.slots:
+            if getattr(slot.param, "sequence_parallel", False):
+                all_reduce_sum(slot.param.main_grad, self.ps.tp_group)
 
     def account_pipeline(self, step: int, record: ScheduleRecord) -> None:
         busy, span = busy_and_span(record)
@@ -213,11 +221,8 @@ class Trainer:
 
     # -- reporting ------------------------------------------------------------------------------
     def summary(self, records: list[StepRecord] | None = None) -> dict:
-        local = torch.tensor([
-            sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            self.optimizer.grads.nbytes,
-            self.optimizer.state_bytes(),
-        ], dtype=torch.float64)
+        local = torch.tensor([self.buffers.param_bytes, self.buffers.grad_bytes, self.optimizer.state_bytes()],
+                             dtype=torch.float64)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
         summary = {

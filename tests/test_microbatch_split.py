@@ -8,7 +8,7 @@ from megolmo.data.dataset import TokenDataset
 from megolmo.data.loader import GlobalBatchLoader
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
-from megolmo.optim.grad_buffer import GradBuffer
+from megolmo.optim.buffers import FlatBuffers
 from megolmo.step import forward_backward
 from tests.conftest import GQA, write_mask, write_tokens
 
@@ -19,7 +19,7 @@ def loss_and_grads(dataset: TokenDataset, micro_batch_size: int, step: int = 0):
     model = Olmo2ForCausalLM(GQA)
     initialize_parameters(model, 21, 0.02)
     params = list(model.parameters())
-    buffer = GradBuffer(params)
+    FlatBuffers(list(model.named_parameters()), dp_size=1, bucket_size=10_000)
     loader = GlobalBatchLoader(dataset, GLOBAL_BATCH, micro_batch_size)
     tokens = loader.global_loss_tokens(step)
     ce, z = forward_backward(model, loader.micro_batches(step), tokens, 1e-4, torch.device("cpu"))
