@@ -1,0 +1,125 @@
+"""Data parallelism on real gloo processes: parity with one process, the distributed optimizer's memory,
+bucketed reductions that happen once per step and overlap the backward pass."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, free_port, run_entry_point
+
+STEPS = 10
+N_TOKENS = 40_000
+SEQ = 32
+LAYOUTS = {  # name: (ranks, masked, overrides)
+    "dp2": (2, False, ["trainer.micro_batch_size=1"]),
+    "dp2-distopt-mbs2": (2, False, ["parallel.distributed_optimizer=true", "trainer.micro_batch_size=2"]),
+    "dp4-mbs2": (4, False, ["trainer.micro_batch_size=2"]),
+    "dp4-distopt": (4, False, ["parallel.distributed_optimizer=true", "trainer.micro_batch_size=1",
+                               "parallel.bucket_size=30000"]),
+    "dp2-distopt-masked": (2, True, ["parallel.distributed_optimizer=true", "trainer.micro_batch_size=2"]),
+    "dp4-masked": (4, True, ["trainer.micro_batch_size=1"]),
+    "tp2-pp2-dp2-distopt": (8, False, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                                       "parallel.distributed_optimizer=true", "trainer.micro_batch_size=1",
+                                       "parallel.bucket_size=20000"]),
+}
+
+
+def overrides(run_dir: Path, data: list[str], *extra: str) -> list[str]:
+    return [*data, "data.dtype=uint16", f"data.seq_len={SEQ}", "model.vocab_size=300",
+            "trainer.global_batch_size=8", "trainer.micro_batch_size=4", f"trainer.max_steps={STEPS}",
+            "optim.lr=2e-3", "optim.warmup_steps=2", f"trainer.run_dir={run_dir}", "parallel.timeout_s=60", *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, list[str]]:
+    base = tmp_path_factory.mktemp("dp-data")
+    tokens = write_tokens(base / "tokens.npy", N_TOKENS, 300)
+    # Label masks whose density changes from instance to instance, so DP ranks see very different counts.
+    density = np.repeat(np.random.default_rng(5).choice([0.02, 0.3, 0.95], N_TOKENS // SEQ + 1), SEQ)[:N_TOKENS]
+    (np.random.default_rng(6).random(N_TOKENS) < density).astype(np.uint8).tofile(base / "mask.npy")
+    return {"plain": [f"data.paths=[{tokens}]"],
+            "masked": [f"data.paths=[{tokens}]", f"data.label_mask_paths=[{base / 'mask.npy'}]"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("dp")
+    done = {}
+    plan = {"single": (1, False, []), "single-masked": (1, True, []), **LAYOUTS}
+    for name, (ranks, masked, extra) in plan.items():
+        result = run_entry_point(overrides(base / name, data["masked" if masked else "plain"], *extra),
+                                 nproc=ranks, timeout=300)
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        done[name] = base / name
+    return done
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_data_parallel_layouts_match_one_process(runs, layout):
+    masked = LAYOUTS[layout][1]
+    reference, got = metrics(runs["single-masked" if masked else "single"]), metrics(runs[layout])
+    assert len(got) == STEPS
+    assert got[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
+    assert got[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-5)
+    for a, b in zip(reference, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_masked_data_is_really_uneven_across_ranks(data):
+    mask = np.fromfile(data["masked"][1].split("=[")[1].rstrip("]"), dtype=np.uint8)
+    per_instance = mask[: 64 * SEQ].reshape(64, SEQ).sum(axis=1)
+    assert per_instance.max() > 10 * max(per_instance.min(), 1)
+
+
+def test_distributed_optimizer_shards_state(runs):
+    one = summary(runs["single"])["bytes_per_rank_max"]
+    four = summary(runs["dp4-distopt"])["bytes_per_rank_max"]
+    four_replicated = summary(runs["dp4-mbs2"])["bytes_per_rank_max"]
+    assert four["optimizer_state"] <= 0.26 * one["optimizer_state"]
+    assert four_replicated["optimizer_state"] == one["optimizer_state"]
+    assert four["params"] >= one["params"] and four["grads"] >= one["grads"]  # not sharded (ZeRO-1)
+
+
+def reduction_probe(tmp_path: Path, data: list[str], ranks: int, *extra: str) -> dict:
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+           str(free_port()), str(ROOT / "tests" / "workers" / "grad_reduction.py"), str(out),
+           *overrides(tmp_path / "run", data, "trainer.max_steps=2", "parallel.bucket_size=20000", *extra)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (out.exists(), result.stdout[-2000:], result.stderr[-3000:])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["all-reduce", "reduce-scatter"])
+def test_gradients_reduced_once_per_step_in_overlapped_buckets(tmp_path, data, distributed):
+    probes = {mbs: reduction_probe(tmp_path / f"mbs{mbs}", data["plain"], 2, f"trainer.micro_batch_size={mbs}",
+                                   f"parallel.distributed_optimizer={str(distributed).lower()}")
+              for mbs in (4, 1)}  # 1 and 4 micro-batches per rank
+    for probe in probes.values():
+        assert probe["buckets"] > 1
+        assert probe["total_calls"] == probe["buckets"] * probe["steps"]  # once per step, never per micro-batch
+        assert sum(nbytes for _, nbytes in probe["reductions"]) == probe["grad_buffer_bytes"]
+        assert {name for name, _ in probe["reductions"]} == {"reduce_scatter" if distributed else "all_reduce"}
+        events = probe["events"]
+        first_launch = events.index(["launch", 0])
+        last_ready = max(i for i, (kind, _) in enumerate(events) if kind == "grad_ready")
+        assert first_launch < last_ready  # bucket 0 went out while backward was still producing gradients
+    assert probes[1]["micro_batches"] == 4 and probes[4]["micro_batches"] == 1
+    assert probes[1]["reductions"] == probes[4]["reductions"]

@@ -1,0 +1,45 @@
+"""Counts the data-parallel gradient reductions of one training step, through a wrapper around the real
+collectives used by ``megolmo.optim.grad_sync``, and records the bucket events.
+
+``torchrun ... tests/workers/grad_reduction.py OUT.json <hydra overrides>``; rank 0 writes OUT.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import torch.distributed as dist
+
+from megolmo.optim import grad_sync
+from megolmo.parallel.state import shutdown
+from megolmo.trainer import Trainer
+from tests.helpers import compose_config
+
+counted: list[tuple[str, int]] = []
+
+
+def _counting(name: str, real):
+    def wrapper(tensor_or_out, *args, **kwargs):
+        nbytes = sum(t.numel() * t.element_size() for t in args[0]) if name == "reduce_scatter" else \
+            tensor_or_out.numel() * tensor_or_out.element_size()
+        counted.append((name, nbytes))
+        return real(tensor_or_out, *args, **kwargs)
+    return wrapper
+
+
+grad_sync.dist = types.SimpleNamespace(all_reduce=_counting("all_reduce", dist.all_reduce),
+                                       reduce_scatter=_counting("reduce_scatter", dist.reduce_scatter))
+
+if __name__ == "__main__":
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    trainer = Trainer(compose_config(overrides))
+    trainer.fit()
+    if trainer.ps.is_main:
+        events = trainer.grad_sync.events
+        json.dump({"reductions": counted[-len(trainer.buffers.buckets):] if counted else [],
+                   "total_calls": len(counted), "steps": trainer.cfg.trainer.max_steps,
+                   "grad_buffer_bytes": trainer.buffers.grad_bytes, "buckets": len(trainer.buffers.buckets),
+                   "micro_batches": trainer.loader.num_micro_batches,
+                   "events": [(kind, bucket) for kind, bucket, _ in events]}, open(out_path, "w"))
+    shutdown()  # join gloo's threads before the interpreter exits
