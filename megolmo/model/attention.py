@@ -1,4 +1,12 @@
-"""Causal self-attention with OLMo 2's full-width QK-norm, GQA and RoPE, split over heads under TP."""
+"""Causal self-attention with OLMo 2's full-width QK-norm, GQA and RoPE, split over heads under TP.
+
+Under TP each rank holds ``heads/tp`` query heads and ``kv_heads/tp`` key/value heads, contiguous, so
+local query head ``j`` uses local kv head ``j // (heads/kv_heads)`` exactly as in the unsplit model.
+The q/k projections sit inside the TP region (full sequence, head-split, also under sequence
+parallelism), so QK-norm's statistic, which spans every head, is a sum of squares all-reduced over
+the TP group: ``batch x seq`` fp32 elements for q and as many for k, forward and backward. Its
+weights are sharded like the heads.
+"""
 from __future__ import annotations
 
 import torch

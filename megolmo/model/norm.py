@@ -9,24 +9,21 @@ import torch
 from torch import nn
 
 from megolmo.parallel.layers import ShardSpec, attach_spec
-from megolmo.parallel.mappings import Group, group_size
+from megolmo.parallel.mappings import Group, all_reduce_sum, group_size
 
 
 class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce sum forward and backward: every rank's partial statistic feeds every rank's output."""
+    """All-reduce sum forward and backward: every rank's partial statistic feeds every rank's output,
+    so the gradient of a rank's partial sum is the sum of every rank's output gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
-        x = x.clone()
-        torch.distributed.all_reduce(x, group=group)
-        return x
+        return all_reduce_sum(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce_sum(grad.clone(), ctx.group), None
 
 
 class RMSNorm(nn.Module):

@@ -29,8 +29,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         safe_targets = local_targets.masked_fill(~in_range, 0).unsqueeze(-1)
         target_logit = shifted.gather(-1, safe_targets).squeeze(-1).masked_fill(~in_range, 0.0)
         probs = shifted.exp_()
-        sum_exp = all_reduce_sum(probs.sum(dim=-1), group)
-        all_reduce_sum(target_logit, group)
+        # One all-reduce for both per-token sums: the exponentials and the target logit (which only
+        # the rank holding the target's column contributes).
+        sums = all_reduce_sum(torch.stack([probs.sum(dim=-1), target_logit]), group)
+        sum_exp, target_logit = sums[0], sums[1]
         log_sum_exp = sum_exp.log()
         probs.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(probs, safe_targets, in_range)

@@ -13,7 +13,7 @@ from torch import nn
 
 from megolmo.parallel.mappings import (
     Group, all_reduce_sum, copy_to_tensor_parallel, gather_from_sequence_parallel, group_rank, group_size,
-    reduce_from_tensor_parallel, reduce_scatter_to_sequence_parallel, scatter_to_sequence_parallel)
+    reduce_from_tensor_parallel, reduce_scatter_to_sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -128,16 +128,17 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            out = F.embedding(input_ids, self.weight)
-        else:
-            local = input_ids - self.vocab_start
-            outside = (local < 0) | (local >= self.rows)
-            out = F.embedding(local.masked_fill(outside, 0), self.weight)
-            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-            out = reduce_from_tensor_parallel(out, self.tp.group)
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        # Each rank holds the rows of its vocabulary slice only: the partial embeddings are summed,
+        # straight into sequence shards under sequence parallelism (one reduce-scatter, as Megatron
+        # does, instead of an all-reduce followed by a split).
         if self.tp.sequence_parallel:
-            out = scatter_to_sequence_parallel(out, self.tp.group)
-        return out
+            return reduce_scatter_to_sequence_parallel(out, self.tp.group)
+        return reduce_from_tensor_parallel(out, self.tp.group)
 
 
 class VocabParallelHead(nn.Module):

@@ -106,7 +106,8 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
 
 class _ScatterToSequence(torch.autograd.Function):
-    """Split along the sequence forward, all-gather backward: the embedding output entering SP."""
+    """Split along the sequence forward, all-gather backward: a replicated tensor entering SP.
+    (The vocab-parallel embedding does not need it: it reduce-scatters its partial sums directly.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
