@@ -1,6 +1,7 @@
 """Entry point: ``python -m megolmo.train [hydra overrides]``, under torchrun, srun or mpirun alike."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -27,12 +28,13 @@ def run(cfg: DictConfig) -> None:
     from megolmo.trainer import Trainer
 
     rank = discover().rank
+    exit_code = 0
     try:
         Trainer(cfg).fit()
     except MegolmoConfigError as error:
         if rank == 0:
             print(f"megolmo: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_code = 2
     except Exception as error:  # noqa: BLE001 - the last line of defence for a multi-rank job
         if is_peer_failure(error):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -44,7 +46,11 @@ def run(cfg: DictConfig) -> None:
             sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
+    # Gradient hooks keep the trainer, and with it the process groups, in reference cycles: free
+    # them now rather than during interpreter teardown, where stopping gloo's threads can abort.
+    gc.collect()
     shutdown()
+    sys.exit(exit_code)
 
 
 def is_peer_failure(error: BaseException) -> bool:

@@ -5,6 +5,7 @@ collectives used by ``megolmo.optim.grad_sync``, and records the bucket events.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import types
@@ -42,4 +43,6 @@ if __name__ == "__main__":
                    "grad_buffer_bytes": trainer.buffers.grad_bytes, "buckets": len(trainer.buffers.buckets),
                    "micro_batches": trainer.loader.num_micro_batches,
                    "events": [(kind, bucket) for kind, bucket, _ in events]}, open(out_path, "w"))
-    shutdown()  # join gloo's threads before the interpreter exits
+    del trainer
+    gc.collect()  # free the process groups (held in reference cycles through gradient hooks) ...
+    shutdown()  # ... and join gloo's threads before the interpreter exits
