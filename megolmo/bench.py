@@ -375,11 +375,14 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
             raise RuntimeError(f"peers do not build the same model: parameter counts {counts}")
 
         times: dict[str, list[float]] = {p: [] for p in runners}
+        cpu_times: dict[str, list[float]] = {p: [] for p in runners}
         losses: dict[str, list[float]] = {p: [] for p in runners}
 
         def one_step(peer: str, record: bool) -> None:
             try:
+                cpu_start = time.process_time()
                 elapsed, loss = timed(runners[peer].step, device)
+                cpu = time.process_time() - cpu_start
             except Exception as exc:
                 result["skipped"].append({"peer": peer, "precision": prec, "reason": "step failed: " + _reason(exc)})
                 log(f"[{prec}] {peer}: step failed ({_reason(exc)})")
@@ -388,8 +391,9 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
             losses[peer].append(loss)
             if record:
                 times[peer].append(elapsed)
+                cpu_times[peer].append(cpu)
             log(f"[{prec}] {peer}: step {len(losses[peer])} {'timed' if record else 'warmup'} "
-                f"{elapsed:.3f}s loss {loss:.4f}")
+                f"{elapsed:.3f}s (process CPU {cpu:.3f}s) loss {loss:.4f}")
 
         for i in range(s.warmup + s.steps):
             order = list(runners)
@@ -400,6 +404,10 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
         after = mm_rate(prec)
         mm = max(before, after)
         result["mm_flops"][prec] = {"best": mm, "before": before, "after": after}
+        if min(before, after) < 0.75 * mm:
+            result["notes"].append(f"WARNING: the {prec} torch.mm rate moved {before / 1e12:.3f} -> {after / 1e12:.3f} "
+                                   "TFLOP/s during the run: the machine is busy and wall-clock timings are "
+                                   "unreliable (compare the process CPU seconds, cpu s)")
         log(f"[{prec}] torch.mm {mm_n}^3: {before / 1e12:.3f} TFLOP/s before, {after / 1e12:.3f} after")
         for peer, ts in times.items():
             if not ts or peer not in runners:
@@ -408,6 +416,7 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
             achieved = flops_token * tokens / step_s
             result["results"].append({
                 "peer": peer, "precision": prec, "step_s": step_s, "step_times": ts,
+                "cpu_s": statistics.median(cpu_times[peer]), "cpu_times": cpu_times[peer],
                 "tokens_per_s": tokens / step_s, "flops_per_s": achieved, "mm_fraction": achieved / mm,
                 "mfu_device_peak": achieved / result["device_peak_bf16_flops"]
                 if result["device_peak_bf16_flops"] and prec == "bf16" else None,
@@ -418,22 +427,22 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
         ours = next((r for r in result["results"] if r["peer"] == "megolmo" and r["precision"] == row["precision"]),
                     None)
         row["ratio_megolmo"] = ours["tokens_per_s"] / row["tokens_per_s"] if ours else None
-    result["notes"].append("step s = median timed step (tokens/s, ratio and FLOP/s use it), min s = fastest; ratio = "
+    result["notes"].append("step s = median timed step (tokens/s, ratio and FLOP/s use it), min s = fastest, cpu s = median process CPU seconds per step (all threads, spin-waits included; steadier than wall-clock on a shared machine); ratio = "
                            "megolmo tokens/s / peer tokens/s (> 1: megolmo faster); of mm rate = achieved FLOP/s / "
                            "FLOP/s of one large torch.mm of the same dtype measured in this run (best of before/after)")
     return result
 
 
 def format_table(result: dict) -> str:
-    head = ("peer", "precision", "step s", "min s", "tokens/s", "megolmo/peer", "TFLOP/s", "of mm rate")
+    head = ("peer", "precision", "step s", "min s", "cpu s", "tokens/s", "megolmo/peer", "TFLOP/s", "of mm rate")
     rows = [head]
     for r in result["results"]:
         ratio = "-" if r["ratio_megolmo"] is None else f"{r['ratio_megolmo']:.3f}"
-        rows.append((r["peer"], r["precision"], f"{r['step_s']:.3f}", f"{min(r['step_times']):.3f}",
+        rows.append((r["peer"], r["precision"], f"{r['step_s']:.3f}", f"{min(r['step_times']):.3f}", f"{r['cpu_s']:.2f}",
                      f"{r['tokens_per_s']:.1f}", ratio,
                      f"{r['flops_per_s'] / 1e12:.4f}", f"{100 * r['mm_fraction']:.1f}%"))
     for sk in result["skipped"]:
-        rows.append((sk["peer"], sk["precision"], "skipped", "", "", "", "", ""))
+        rows.append((sk["peer"], sk["precision"], "skipped", "", "", "", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
