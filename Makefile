@@ -6,6 +6,8 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= -r requirements/cpu.txt
 DEMO_DIR   ?= demo_data
 DEMO_RUN   ?= runs/demo
+DEMO_RANKS ?= 8
+DEMO_PORT  ?= 29517
 
 .PHONY: venv demo test bench clean
 
@@ -21,7 +23,8 @@ $(VENV)/.installed: setup.py requirements/cpu.txt
 demo: venv
 	$(PY) -m megolmo.data.demo_corpus --output $(DEMO_DIR)
 	rm -rf $(DEMO_RUN)
-	OMP_NUM_THREADS=2 $(PY) -m megolmo.train data=demo optim=demo trainer=demo trainer.run_dir=$(DEMO_RUN)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(DEMO_RANKS) --master-port $(DEMO_PORT) \
+		-m megolmo.train data=demo optim=demo trainer=demo parallel=demo3d trainer.run_dir=$(DEMO_RUN)
 	@echo "demo run directory: $(abspath $(DEMO_RUN))"
 
 test: venv

@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "hf": ["transformers>=4.48"],
