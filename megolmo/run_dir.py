@@ -41,6 +41,13 @@ class RunDirectory:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(tmp, self.path / "summary.json")
 
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop metrics of steps after ``last_step``: a resumed run recomputes them."""
+        path = self.path / "metrics.jsonl"
+        if self.is_writer and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.is_writer:
             with open(self.path / "metrics.jsonl", "a") as f:

@@ -6,6 +6,7 @@ seconds, not a queue wait plus a model build.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from megolmo.checkpoint.manager import CheckpointManager, LoadedState, checkpoint_name, resolve_checkpoint
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
@@ -109,6 +111,9 @@ class Trainer:
         self.layer_ranges = chunk_layer_ranges(self.model_cfg.num_hidden_layers, p.pipeline, p.virtual_pipeline,
                                                p.pipeline_layers)
         check_layout(discover().world_size, cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.load_path = resolve_checkpoint(Path(cfg.load_path)) if cfg.load_path else None
+        if self.load_path is not None and not self.load_path.exists():
+            raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
         self.dtype = compute_dtype(cfg.precision, self.ps.device)
@@ -138,18 +143,46 @@ class Trainer:
             self.ps.dp_group, bool(p.distributed_optimizer), self.ps.tp_rank,
             [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None])
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps))
+        self.start_step, self.resumed_from = self.restore()
         self.run_dir.write_config(cfg)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         peak = t.peak_tflops * 1e12 if t.peak_tflops else device_peak_flops(self.ps.device)
         self.peak_flops_total = peak * self.ps.world_size if peak else None
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_len)
 
-    # -- the loop -------------------------------------------------------------------------------
-    def fit(self, start_step: int = 0) -> list[StepRecord]:
+    def restore(self) -> tuple[int, Path | None]:
+        """Resume from this run's latest checkpoint if there is one, else start from ``load_path`` if given."""
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False)
+            self.run_dir.truncate_metrics(loaded.step)
+            return loaded.step, latest
+        if self.load_path is not None:
+            loaded = CheckpointManager.load(self.load_path, self.optimizer,
+                                            weights_only=bool(self.cfg.reset_trainer_state))
+            return loaded.step, self.load_path
+        return 0, None
+
+    def save(self, step: int) -> None:
         t = self.cfg.trainer
+        tokens = step * self.tokens_per_step
+        name = checkpoint_name(step, tokens, t.stage, t.ingredient)
+        state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
+                 "data_seed": self.cfg.data.seed, "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp,
+                                                             "data": self.ps.dp}}
+        path = self.checkpoints.save(self.optimizer, name, state, self.model_cfg.to_dict())
+        self.log(f"saved checkpoint {path}")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> list[StepRecord]:
+        t = self.cfg.trainer
+        start_step = self.start_step
         last = t.stop_at or t.max_steps
         self.run_dir.write_summary(self.summary())
         self.log(f"run directory: {self.run_dir.path.resolve()}")
+        if self.resumed_from is not None:
+            self.log(f"starting at step {start_step} from {self.resumed_from}")
         records: list[StepRecord] = []
         started = time.perf_counter()
         for step in range(start_step, last):
@@ -160,6 +193,8 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 eta = elapsed / (step + 1 - start_step) * (last - step - 1)
                 self.log(record.line(t.max_steps, eta))
+            if record.step % t.save_interval == 0 or record.step == last:
+                self.save(record.step)
         self.run_dir.write_summary(self.summary(records))
         self.log(f"done: {len(records)} steps; run directory {self.run_dir.path.resolve()}")
         return records

@@ -112,10 +112,11 @@ class DistributedAdamW:
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bias2 ** 0.5).add_(self.settings.eps)
             master.addcdiv_(m, denom, value=-lr / bias1)
-        self._write_back()
+        self.write_back_parameters()
         return float(norm)
 
-    def _write_back(self) -> None:
+    def write_back_parameters(self) -> None:
+        """Copy the fp32 master shard into the compute-dtype parameters and, if sharded, all-gather them."""
         params = self.buffers.params
         if self.owns_master_copy:
             for (start, end), master in zip(self.shards, self.master):
