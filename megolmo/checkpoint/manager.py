@@ -9,12 +9,14 @@ truncated or lost later.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,14 @@ def _barrier() -> None:
 
 def _is_writer() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that a run without a process group saves in one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def write_manifest(directory: Path) -> None:
@@ -115,7 +125,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         _barrier()
-        dcp.save(checkpoint_tensors(optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.save(checkpoint_tensors(optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -163,8 +174,9 @@ class CheckpointManager:
         saved = check_architecture(directory, expected_shapes(optimizer))
         has_optimizer = any(key.startswith(EXP_AVG) for key in saved)
         weights_only = weights_only or not has_optimizer
-        dcp.load(checkpoint_tensors(optimizer, with_optimizer=not weights_only), checkpoint_id=str(directory),
-                 no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.load(checkpoint_tensors(optimizer, with_optimizer=not weights_only), checkpoint_id=str(directory),
+                     no_dist=not dist.is_initialized())
         optimizer.write_back_parameters()
         if weights_only:
             reset_moments(optimizer)

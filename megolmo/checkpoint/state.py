@@ -38,8 +38,8 @@ def checkpoint_tensors(optimizer: DistributedAdamW, with_optimizer: bool = True)
 
 
 def expected_shapes(optimizer: DistributedAdamW) -> dict[str, tuple[int, ...]]:
-    """Global shape of every model tensor this rank holds (for the architecture check before loading)."""
-    return {MODEL + slot.name: tuple(slot.param.shard_spec.global_shape) for slot in optimizer.buffers.slots}
+    """Global shape of every model tensor this rank holds, in model order (for the architecture check)."""
+    return {MODEL + slot.name: tuple(slot.param.shard_spec.global_shape) for slot in reversed(optimizer.buffers.slots)}
 
 
 @torch.no_grad()

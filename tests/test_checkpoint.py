@@ -1,0 +1,145 @@
+"""Checkpoints: exact and resharded resume, atomic saves, names and rotation, weights-only starts, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megolmo.checkpoint.manager import checkpoint_name
+from megolmo.errors import MegolmoConfigError
+from megolmo.trainer import Trainer
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, compose_config, run_entry_point
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> str:
+    return write_tokens(tmp_path_factory.mktemp("ckpt-data") / "tokens.npy", 40_000, 300)
+
+
+def overrides(run_dir: Path, tokens: str, *extra: str) -> list[str]:
+    return [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
+            "trainer.global_batch_size=8", "trainer.micro_batch_size=1", f"trainer.max_steps={STEPS}",
+            "optim.lr=2e-3", "optim.warmup_steps=2", f"trainer.run_dir={run_dir}", "parallel.timeout_s=60",
+            "trainer.log_interval=100", *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tokens) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    Trainer(compose_config(overrides(run, tokens))).fit()
+    return run
+
+
+def test_exact_resume_is_bit_identical(tmp_path, tokens, straight):
+    run = tmp_path / "run"
+    first = Trainer(compose_config(overrides(run, tokens, "trainer.stop_at=5"))).fit()
+    assert len(first) == 5 and (run / "checkpoints" / "latest").resolve().name == "stage1-step5-tokens0B"
+    second = Trainer(compose_config(overrides(run, tokens)))
+    assert second.start_step == 5
+    second.fit()
+    assert losses(run) == losses(straight)  # bit-identical, all 10 steps
+    assert [m["grad_norm"] for m in metrics(run)] == [m["grad_norm"] for m in metrics(straight)]
+    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("first, second", [
+    ((4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
+     (4, ["parallel.distributed_optimizer=true"])),
+    ((4, ["parallel.distributed_optimizer=true", "parallel.bucket_size=30000"]),
+     (4, ["parallel.tensor=2", "parallel.pipeline=2"])),
+], ids=["tp2pp2-to-dp4-zero1", "dp4-zero1-to-tp2pp2"])
+def test_resharded_resume(tmp_path, tokens, straight, first, second):
+    run = tmp_path / "run"
+    result = run_entry_point(overrides(run, tokens, "trainer.stop_at=5", *first[1]), nproc=first[0])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry_point(overrides(run, tokens, *second[1]), nproc=second[0])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting at step 5" in result.stdout
+    for a, b in zip(losses(straight), losses(run), strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path, tokens, straight):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "killed_during_save.py"),
+                             *overrides(run, tokens, "trainer.save_interval=3")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").resolve().name == "stage1-step3-tokens0B"
+    assert any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())  # the half-written save
+    resumed = run_entry_point(overrides(run, tokens, "trainer.save_interval=3"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting at step 3" in resumed.stdout
+    assert losses(run) == losses(straight)
+    assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+
+
+def test_names_rotation_and_kept_steps(tmp_path, tokens):
+    run = tmp_path / "run"
+    Trainer(compose_config(overrides(run, tokens, "trainer.save_interval=2", "trainer.keep_last=2",
+                                     "trainer.keep_steps=[4]", "trainer.stage=2", "trainer.ingredient=3"))).fit()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "stage2-ingredient3-step10-tokens0B", "stage2-ingredient3-step4-tokens0B",
+                     "stage2-ingredient3-step8-tokens0B"]
+    assert checkpoint_name(1000, 4_194_304_000, 1, None) == "stage1-step1000-tokens4B"
+    state = json.loads((run / "checkpoints" / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["tokens"] == 10 * 8 * 32
+
+
+def test_load_path_with_reset_trainer_state_takes_weights_only(tmp_path, tokens, straight):
+    source = straight / "checkpoints" / "latest"
+    run = tmp_path / "run"
+    trainer = Trainer(compose_config(overrides(run, tokens, f"load_path={source}", "reset_trainer_state=true",
+                                               "trainer.max_steps=3")))
+    assert trainer.start_step == 0 and trainer.optimizer.step_count == 0
+    assert all(float(m.abs().max()) == 0 for m in trainer.optimizer.exp_avg)
+    trainer.fit()
+    got = metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert got[0]["loss"] < 0.98 * losses(straight)[0]  # trained weights, evaluated on batch 0 again
+
+
+def test_load_path_without_reset_continues_the_run(tmp_path, tokens, straight):
+    source = straight.parent / "five"
+    Trainer(compose_config(overrides(source, tokens, "trainer.stop_at=5"))).fit()
+    run = tmp_path / "run"
+    trainer = Trainer(compose_config(overrides(run, tokens, f"load_path={source}")))  # a run dir works too
+    assert trainer.start_step == 5
+    trainer.fit()
+    assert losses(run) == losses(straight)[5:]
+
+
+def test_checkpoint_errors(tmp_path, tokens, straight):
+    with pytest.raises(MegolmoConfigError, match="load_path=/does/not/exist: no such checkpoint"):
+        Trainer(compose_config(overrides(tmp_path / "a", tokens, "load_path=/does/not/exist")))
+    with pytest.raises(MegolmoConfigError, match=r"tensor model\.embed_tokens\.weight has shape \[300, 128\] "
+                                                 r"but the model expects \[300, 64\]"):
+        Trainer(compose_config(overrides(tmp_path / "b", tokens, f"load_path={straight}", "model.hidden_size=64",
+                                         "model.intermediate_size=96")))
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree((straight / "checkpoints" / "latest").resolve(), damaged)
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(MegolmoConfigError, match=f"shard {shard} is truncated"):
+        Trainer(compose_config(overrides(tmp_path / "c", tokens, f"load_path={damaged}")))
+    shard.unlink()
+    with pytest.raises(MegolmoConfigError, match=f"shard {shard} is missing"):
+        Trainer(compose_config(overrides(tmp_path / "d", tokens, f"load_path={damaged}")))
