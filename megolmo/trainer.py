@@ -71,7 +71,9 @@ def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype:
         chunk = Olmo2ForCausalLM(cfg, tp, layer_ids=layer_ranges[g], with_embedding=g == 0,
                                  with_head=g == len(layer_ranges) - 1, device=ps.device)
         initialize_parameters(chunk, seed, cfg.initializer_range)
-        chunks.append(chunk.to(dtype))
+        for param in chunk.parameters():  # parameters only: RoPE's tables stay fp32
+            param.data = param.data.to(dtype)
+        chunks.append(chunk)
     return chunks
 
 

@@ -46,6 +46,17 @@ class Segment:
     counts_in_norm: bool
 
 
+def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join touching ranges, so weight decay is a few large multiplies, not one per parameter."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
 class DistributedAdamW:
     def __init__(self, buffers: FlatBuffers, settings: AdamWSettings, dp_group: Group, sharded: bool,
                  tp_rank: int, norm_groups: list[Group]):
@@ -57,6 +68,7 @@ class DistributedAdamW:
         self.dp, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.shards = [b.shard(self.dp_rank, self.dp) if self.sharded else (b.start, b.end) for b in buffers.buckets]
         self.segments = self._segments(tp_rank)
+        self.decay_ranges = [merged_ranges([(s.start, s.end) for s in segs if s.decay]) for segs in self.segments]
         fp32_params = buffers.params.dtype == torch.float32
         self.master = [buffers.params[s:e] if fp32_params else buffers.params[s:e].float() for s, e in self.shards]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
@@ -105,12 +117,12 @@ class DistributedAdamW:
         for i, grad in enumerate(self.grad_shards()):
             grad.mul_(scale)
             master, m, v = self.master[i], self.exp_avg[i], self.exp_avg_sq[i]
-            for seg in self.segments[i]:
-                if seg.decay and self.settings.weight_decay:
-                    master[seg.start:seg.end].mul_(1 - lr * self.settings.weight_decay)
+            if self.settings.weight_decay:
+                for start, end in self.decay_ranges[i]:
+                    master[start:end].mul_(1 - lr * self.settings.weight_decay)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bias2 ** 0.5).add_(self.settings.eps)
+            denom = v.sqrt().div_(bias2 ** 0.5).add_(self.settings.eps)
             master.addcdiv_(m, denom, value=-lr / bias1)
         self.write_back_parameters()
         return float(norm)

@@ -16,14 +16,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, valid_cols: int,
                 group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+        # The logits are consumed in place (bf16 ones through their fp32 copy): nothing else reads
+        # them, and a logits-sized temporary is the largest allocation of a training step.
         x = logits.float()
         if valid_cols < x.shape[-1]:
-            x = x.clone() if x is logits else x
             x[..., valid_cols:] = float("-inf")
-        col_max = x.max(dim=-1).values
+        col_max = x.amax(dim=-1)
         if group_size(group) > 1:
             dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = x - col_max.unsqueeze(-1)
+        shifted = x.sub_(col_max.unsqueeze(-1))
         local_targets = targets - vocab_start
         in_range = (local_targets >= 0) & (local_targets < valid_cols)
         safe_targets = local_targets.masked_fill(~in_range, 0).unsqueeze(-1)
