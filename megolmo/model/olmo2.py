@@ -83,7 +83,8 @@ class Olmo2ForCausalLM(nn.Module):
         """
         logits = self(x)
         ce, lse = vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(),
-                                               self.lm_head.vocab_start, self.lm_head.valid_rows, self.tp.group)
+                                               self.lm_head.vocab_start, self.lm_head.valid_rows, self.tp.group,
+                                               consume_logits=True)
         mask = loss_mask.flatten().to(ce.dtype)
         return (ce * mask).sum(), (lse.square() * mask).sum()
 

@@ -15,10 +15,10 @@ from megolmo.parallel.mappings import Group, all_reduce_sum, group_size
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, valid_cols: int,
-                group: Group) -> tuple[torch.Tensor, torch.Tensor]:
-        # The logits are consumed in place (bf16 ones through their fp32 copy): nothing else reads
-        # them, and a logits-sized temporary is the largest allocation of a training step.
+                group: Group, consume_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.float()
+        if x is logits and not consume_logits:
+            x = x.clone()
         if valid_cols < x.shape[-1]:
             x[..., valid_cols:] = float("-inf")
         col_max = x.amax(dim=-1)
@@ -45,16 +45,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         probs, safe_targets, in_range = ctx.saved_tensors
         grad = probs.mul_((grad_ce + grad_lse).unsqueeze(-1))
         grad.scatter_add_(-1, safe_targets, (-grad_ce * in_range).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int = 0,
-                                 valid_cols: int | None = None,
-                                 group: Group = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 valid_cols: int | None = None, group: Group = None,
+                                 consume_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy and logsumexp (both fp32) from this rank's slice of the logits.
 
     ``vocab_start`` is the global id of local column 0; ``valid_cols`` how many local columns are
-    real vocabulary (the rest is padding).
+    real vocabulary (the rest is padding). ``consume_logits`` lets fp32 logits that nothing else reads
+    be overwritten, saving a logits-sized temporary, the largest allocation of a training step.
     """
     valid = logits.shape[-1] if valid_cols is None else valid_cols
-    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, valid, group)
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, valid, group, consume_logits)
