@@ -1,4 +1,4 @@
-"""The throughput benchmark (megolmo.bench, tools/bench_train.py): result structure, not timings."""
+"""The throughput benchmark (megolmo.benchmarks.train_step, tools/bench_train.py): result structure, not timings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from megolmo import bench
+from megolmo.benchmarks import train_step as bench
 from megolmo.flops import training_flops_per_token
 from megolmo.model.config import ModelConfig
 

@@ -1,6 +1,6 @@
 """Tensor and sequence parallelism on real gloo ranks, against single-process megolmo and transformers.
 
-One 4-rank torchrun launch (tests/test_tensor_parallel_worker.py) runs every multi-rank case; the
+One 4-rank torchrun launch (tests/workers/tensor_parallel.py) runs every multi-rank case; the
 tests here compare what it wrote with single-process references computed in this process.
 Bad layouts are launched through the real entry point.
 """
@@ -16,13 +16,13 @@ from collections import Counter
 import pytest
 import torch
 
-from megolmo.bench_tp import analytic_block_collectives, analytic_step_collectives
+from megolmo.benchmarks.tensor_parallel import analytic_block_collectives, analytic_step_collectives
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, compose_config, free_port
-from tests.test_tensor_parallel_worker import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT, hf_batch,
+from tests.workers.tensor_parallel import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT, hf_batch,
                                                load_global, random_global_weights, train_overrides)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -41,7 +41,7 @@ def results(workdir) -> dict:
     out = workdir / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-           "-m", "tests.test_tensor_parallel_worker", str(out), str(workdir / "tokens.npy")]
+           "-m", "tests.workers.tensor_parallel", str(out), str(workdir / "tokens.npy")]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=280)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -238,7 +238,7 @@ def test_vocab_parallel_loss_math_single_process():
 def test_analytic_scheme_bytes_and_table():
     """The benchmark's formula: SP moves the same wire bytes as the all-reduces it replaces, and the
     table prints measured/analytic ratios."""
-    from megolmo.bench_tp import format_table, tally_bytes, wire_bytes
+    from megolmo.benchmarks.tensor_parallel import format_table, tally_bytes, wire_bytes
     assert wire_bytes("all_reduce", 100, 4) == 150 and wire_bytes("all_gather", 100, 4) == 75
     assert wire_bytes("reduce_scatter", 100, 1) == 0
     plain = analytic_step_collectives(CFG, 2, SEQ_LEN, 3, 4, False)

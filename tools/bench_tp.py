@@ -6,7 +6,7 @@
 
 Launches one process per TP rank itself (torch.multiprocessing, gloo on CPU), runs the real Trainer's
 training step, counts every collective of one step and prints a table with measured/analytic ratios
-(the logic lives in megolmo/bench_tp.py). Exits 1 if the collectives differ from the analytic scheme.
+(the logic lives in megolmo/benchmarks/tensor_parallel.py). Exits 1 if the collectives differ from the analytic scheme.
 """
 
 import os
@@ -17,7 +17,7 @@ try:
 except ImportError:  # run from a checkout without installing: the repo root is this file's parent's parent
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megolmo.bench_tp import main  # noqa: E402
+from megolmo.benchmarks.tensor_parallel import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 `python tools/bench_train.py [--model bench|olmo2_1b|...] [--seq-len 512] [--batch 4] [--steps 6] [--warmup 2]
 [--precisions fp32,bf16] [--peers megolmo,transformers,olmo_core] [--threads N] [--device cpu|cuda] [--json OUT]`
-(the logic lives in megolmo/bench.py).
+(the logic lives in megolmo/benchmarks/train_step.py).
 """
 
 import os
@@ -13,7 +13,7 @@ try:
 except ImportError:  # run from a checkout without installing: the repo root is this file's parent's parent
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megolmo.bench import main  # noqa: E402
+from megolmo.benchmarks.train_step import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

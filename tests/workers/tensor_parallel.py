@@ -2,7 +2,7 @@
 every tensor-parallel case in one launch (a launch costs seconds) and writes what it saw into OUTDIR;
 the pytest side compares that with single-process megolmo and transformers.
 
-    python -m torch.distributed.run --nproc-per-node 4 -m tests.test_tensor_parallel_worker OUTDIR
+    python -m torch.distributed.run --nproc-per-node 4 -m tests.workers.tensor_parallel OUTDIR
 
 Cases (ranks 0..3; TP=2 runs on the pairs {0,1} and {2,3}, TP=4 on all four):
 * ``hf``: TP=2, sequence parallelism off and on, the model holding given global weights: loss, z-loss,
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megolmo.bench_tp import CollectiveCounter, tally
+from megolmo.benchmarks.tensor_parallel import CollectiveCounter, tally
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters, local_slice_of
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
