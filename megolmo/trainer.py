@@ -20,6 +20,7 @@ from megolmo.checkpoint.manager import CheckpointManager, LoadedState, checkpoin
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
+from megolmo.kernels.select import choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
@@ -38,16 +39,7 @@ from megolmo.pipeline.timeline import busy_and_span, theoretical_bubble, write_t
 from megolmo.run_dir import RunDirectory, choose_run_dir
 from megolmo.step import forward_backward
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp8":
-        raise MegolmoConfigError("precision=fp8: needs a CUDA GPU with Transformer Engine or torchao; "
-                                 f"this process runs on {device.type}")
-    if precision not in PRECISIONS:
-        raise MegolmoConfigError(f"precision={precision}: choose fp32, bf16 or fp8")
-    return PRECISIONS[precision]
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:
@@ -118,7 +110,8 @@ class Trainer:
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
-        self.dtype = compute_dtype(cfg.precision, self.ps.device)
+        self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device)
+        self.dtype = COMPUTE_DTYPES[cfg.precision]
         self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                       self.ps.dp_rank, self.ps.dp)
         check_micro_batches(self.loader.num_micro_batches, p.pipeline, p.virtual_pipeline)
@@ -265,6 +258,7 @@ class Trainer:
         summary = {
             "model": self.model_cfg.to_dict(),
             "precision": self.cfg.precision,
+            "kernels": self.kernels.to_dict(),
             "layout": {"world_size": self.ps.world_size, "tensor": self.ps.tp, "pipeline": self.ps.pp,
                        "data": self.ps.dp, "sequence_parallel": self.tp.sequence_parallel},
             "parameters": {"total": count_parameters(self.model_cfg),

@@ -1,0 +1,41 @@
+"""What optional accelerators this process can use. The only module that imports them.
+
+Each probe returns None when usable, else the reason it is not, for error messages and summary.json.
+Transformer Engine raises on import without CUDA, and the PyPI package called ``apex`` is an unrelated
+web toolkit, so "importable" is not enough: NVIDIA apex is recognised by its fused-kernel submodules.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import torch
+
+
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001 - TE raises RuntimeError/OSError without CUDA, not only ImportError
+        return f"{module} cannot be imported ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return None
+
+
+@cache
+def cuda_unavailable() -> str | None:
+    return None if torch.cuda.is_available() else "no CUDA device is visible"
+
+
+@cache
+def transformer_engine_unavailable() -> str | None:
+    return cuda_unavailable() or _import_error("transformer_engine.pytorch")
+
+
+@cache
+def nvidia_apex_unavailable() -> str | None:
+    """NVIDIA apex (a source install) provides fused RMSNorm and FusedAdam CUDA kernels."""
+    return cuda_unavailable() or _import_error("apex.normalization") or _import_error("apex.optimizers")
+
+
+@cache
+def torchao_float8_unavailable() -> str | None:
+    return cuda_unavailable() or _import_error("torchao.float8")

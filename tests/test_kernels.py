@@ -1,0 +1,62 @@
+"""The kernel selection point: what runs on this machine, clear refusals, and the GPU checks that a
+session with a lent GPU runs (skipped here with the reason)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megolmo.errors import MegolmoConfigError
+from megolmo.kernels import available
+from megolmo.kernels.select import choose_kernels
+from megolmo.trainer import Trainer
+from tests.conftest import write_tokens
+from tests.helpers import compose_config, run_entry_point
+from tests.test_trainer import tiny_overrides
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def test_cpu_resolves_to_plain_torch_and_reports_why_accelerators_are_off():
+    choice = choose_kernels("auto", "bf16", CPU)
+    assert (choice.backend, choice.attention) == ("torch", "sdpa")
+    assert choice.accelerators["transformer_engine"] == "this process runs on cpu"
+    if not torch.cuda.is_available():
+        assert available.nvidia_apex_unavailable() == "no CUDA device is visible"
+        assert choice.accelerators["nvidia_apex"] == "no CUDA device is visible"
+    assert choose_kernels("torch", "fp32", CPU) == choose_kernels("auto", "fp32", CPU)
+
+
+@pytest.mark.parametrize("backend, precision, message", [
+    ("te", "bf16", "model.backend=te: Transformer Engine cannot be used: this process runs on cpu"),
+    ("auto", "fp8", "precision=fp8: this process runs on cpu; use precision=bf16"),
+    ("cudnn", "bf16", "model.backend=cudnn: choose one of auto, te, torch"),
+    ("auto", "fp16", "precision=fp16: choose one of fp32, bf16, fp8"),
+])
+def test_impossible_requests_are_refused_at_start_up(backend, precision, message):
+    with pytest.raises(MegolmoConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        choose_kernels(backend, precision, CPU)
+
+
+def test_summary_reports_the_kernels_used(tmp_path):
+    tokens = write_tokens(tmp_path / "t.npy", 20_000, 300)
+    Trainer(compose_config(tiny_overrides(tmp_path, tokens, "trainer.max_steps=1", "optim.warmup_steps=0"))).fit()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["kernels"]["backend"] == "torch" and summary["kernels"]["attention"] == "sdpa"
+
+
+@needs_cuda
+def test_gpu_bf16_loss_matches_cpu_fp32(tmp_path):
+    """On the GPU (NCCL-free single rank, bf16, flash SDPA) the tiny model's losses track CPU fp32."""
+    tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
+    gpu = Trainer(compose_config(tiny_overrides(tmp_path / "gpu", tokens, "precision=bf16", "optim.lr=1e-3")))
+    assert gpu.ps.device.type == "cuda" and gpu.kernels.attention == "flash-sdpa"
+    gpu_records = gpu.fit()
+    cpu = run_entry_point(tiny_overrides(tmp_path / "cpu", tokens, "optim.lr=1e-3"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert cpu.returncode == 0, cpu.stderr[-2000:]
+    cpu_losses = [json.loads(line)["loss"] for line in (tmp_path / "cpu" / "run" / "metrics.jsonl").open()]
+    assert len(cpu_losses) == len(gpu_records)
+    for a, b in zip(cpu_losses, gpu_records):
+        assert b.loss == pytest.approx(a, rel=0.02)
