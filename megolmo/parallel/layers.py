@@ -113,18 +113,28 @@ def padded_vocab_size(vocab_size: int, multiple: int, tp_size: int) -> int:
     return -(-vocab_size // unit) * unit
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Embedding whose (padded) vocabulary rows are split across the TP group."""
+class _VocabSharded(nn.Module):
+    """A ``[vocab, dim]`` weight whose padded vocabulary rows are split evenly across the TP group;
+    ``valid_rows`` of this rank's ``rows`` are real vocabulary, the rest padding."""
 
-    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel, pad_multiple: int = 128,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel, pad_multiple: int,
+                 dtype: torch.dtype | None, device: torch.device | str | None):
         super().__init__()
         self.tp = tp
         padded = padded_vocab_size(vocab_size, pad_multiple, tp.size)
         self.rows = padded // tp.size
         self.vocab_start = tp.rank * self.rows
+        self.valid_rows = max(0, min(self.rows, vocab_size - self.vocab_start))
         self.weight = attach_spec(nn.Parameter(torch.empty(self.rows, dim, dtype=dtype, device=device)),
                                   ShardSpec((vocab_size, dim), 0, tp.rank, tp.size, padded))
+
+
+class VocabParallelEmbedding(_VocabSharded):
+    """Embedding whose (padded) vocabulary rows are split across the TP group."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel, pad_multiple: int = 128,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__(vocab_size, dim, tp, pad_multiple, dtype, device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -141,19 +151,12 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel(out, self.tp.group)
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_VocabSharded):
     """The LM head: a column-parallel linear over the padded vocabulary whose logits stay split."""
 
     def __init__(self, dim: int, vocab_size: int, tp: TensorParallel, pad_multiple: int = 128,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        super().__init__()
-        self.tp = tp
-        padded = padded_vocab_size(vocab_size, pad_multiple, tp.size)
-        self.rows = padded // tp.size
-        self.vocab_start = tp.rank * self.rows
-        self.valid_rows = max(0, min(self.rows, vocab_size - self.vocab_start))
-        self.weight = attach_spec(nn.Parameter(torch.empty(self.rows, dim, dtype=dtype, device=device)),
-                                  ShardSpec((vocab_size, dim), 0, tp.rank, tp.size, padded))
+        super().__init__(vocab_size, dim, tp, pad_multiple, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(enter_tensor_parallel_region(x, self.tp), self.weight)
