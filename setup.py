@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.48"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.48"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich"],
         "mpi": ["mpi4py"],
         "gpu": ["transformer-engine[pytorch]"],
         "bench": ["ai2-olmo-core", "transformers>=4.48"],

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,18 @@ def test_bad_layout_ends_every_rank(tmp_path):
     result = run_entry_point(tiny_overrides(tmp_path, tokens, "parallel.tensor=3"), nproc=2, timeout=120)
     assert result.returncode != 0
     assert "world size 2 is not divisible by parallel.tensor=3" in result.stderr
+
+
+def test_real_mpiexec_launch(tmp_path):
+    """MPICH's mpiexec (the ``mpich`` wheel of the test extra) starts the ranks; they read PMI_* variables."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    assert mpiexec.exists(), "the test extra installs mpich, which provides mpiexec"
+    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "megolmo.train",
+                             *tiny_overrides(tmp_path, tokens, "trainer.max_steps=2", "optim.warmup_steps=1")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layout"]["world_size"] == 2 and summary["layout"]["data"] == 2
