@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from megolmo.checkpoint.manager import CheckpointManager, LoadedState, checkpoint_name, resolve_checkpoint
+from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megolmo.parallel.mappings import (
-    Group, all_reduce_sum, copy_to_tensor_parallel, gather_from_sequence_parallel, group_rank, group_size,
+    Group, copy_to_tensor_parallel, gather_from_sequence_parallel, group_rank, group_size,
     reduce_from_tensor_parallel, reduce_scatter_to_sequence_parallel)
 
 
@@ -163,4 +163,4 @@ class VocabParallelHead(_VocabSharded):
 
 
 __all__ = ["TensorParallel", "ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "VocabParallelHead", "enter_tensor_parallel_region", "padded_vocab_size", "all_reduce_sum"]
+           "VocabParallelHead", "enter_tensor_parallel_region", "padded_vocab_size"]
