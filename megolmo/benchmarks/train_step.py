@@ -421,7 +421,7 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
                 "mfu_device_peak": achieved / result["device_peak_bf16_flops"]
                 if result["device_peak_bf16_flops"] and prec == "bf16" else None,
                 "first_loss": losses[peer][0], "losses": losses[peer]})
-        del runners
+        runners.clear()  # free this precision's models before building the next
 
     for row in result["results"]:
         ours = next((r for r in result["results"] if r["peer"] == "megolmo" and r["precision"] == row["precision"]),
