@@ -88,3 +88,14 @@ def test_entry_point_trains_and_reports(tmp_path, tokens):
     assert result.returncode == 0, result.stderr
     assert "step      3/3 | loss" in result.stdout and "tok/s" in result.stdout and "ETA" in result.stdout
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tokens):
+    plain = Trainer(compose_config(tiny_overrides(tmp_path / "a", tokens, "trainer.max_steps=5",
+                                                  "optim.warmup_steps=1"))).fit()
+    recomputed = Trainer(compose_config(tiny_overrides(tmp_path / "b", tokens, "trainer.max_steps=5",
+                                                       "optim.warmup_steps=1",
+                                                       "model.activation_checkpointing=true"))).fit()
+    for a, b in zip(plain, recomputed, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-6)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
