@@ -1,8 +1,8 @@
 """megolmo: a Megatron-style 3D-parallel trainer for OLMo 2.
 
 torch is deliberately unpinned here so GPU users keep their own CUDA build; the CPU install
-(``make venv``) pins the CPU wheel through ``requirements/cpu.txt``. The PyPI package named
-``apex`` is an unrelated web toolkit: NVIDIA apex is a source install (see README).
+(``make venv``) pins the CPU wheel through ``requirements/cpu.txt``. Optional fused CUDA kernels
+that are source installs are described in the README, never listed here.
 """
 from setuptools import find_packages, setup
 

@@ -132,6 +132,8 @@ class Trainer:
         self.grad_sync = GradientSynchronizer(self.buffers, self.ps.dp_group, self.loader.num_micro_batches,
                                               reduce_scatter=bool(p.distributed_optimizer),
                                               overlap=bool(p.overlap_grad_reduce))
+        self.sequence_parallel_grads = [slot.param.main_grad for slot in self.buffers.slots
+                                        if getattr(slot.param, "sequence_parallel", False)]
         o = cfg.optim
         self.optimizer = DistributedAdamW(
             self.buffers, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
@@ -221,9 +223,8 @@ class Trainer:
         """Finish the data-parallel bucket reductions, then sum across the TP group the gradients of
         weights that saw only a sequence shard (sums commute, so the order does not matter)."""
         self.grad_sync.finish()
-        for slot in self.buffers.slots:
-            if getattr(slot.param, "sequence_parallel", False):
-                all_reduce_sum(slot.param.main_grad, self.ps.tp_group)
+        for grad in self.sequence_parallel_grads:
+            all_reduce_sum(grad, self.ps.tp_group)
 
     def account_pipeline(self, step: int, record: ScheduleRecord) -> None:
         busy, span = busy_and_span(record)

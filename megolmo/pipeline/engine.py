@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.variable import Variable
 
-from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
+from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.p2p import ACTIVATION, GRADIENT, PointToPoint
 from megolmo.pipeline.schedules import pipeline_order
+from megolmo.step import micro_batch_loss
 
 
 @dataclass
@@ -54,7 +55,6 @@ class PipelineEngine:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's forwards and backwards; returns summed CE and logsumexp^2 (non-zero on the last stage)."""
         device = self.ps.device
-        denominator = max(loss_tokens, 1)
         record = ScheduleRecord(started=time.perf_counter())
         ce_total = torch.zeros((), device=device)
         z_total = torch.zeros((), device=device)
@@ -67,12 +67,10 @@ class PipelineEngine:
                 inputs = self._forward_input(micro_batches[micro_batch], g, micro_batch, record)
                 t0 = time.perf_counter()
                 if g == self.num_chunks - 1:
-                    batch = micro_batches[micro_batch]
-                    targets, mask = shift_targets(batch["input_ids"].to(device), batch["label_mask"].to(device))
-                    ce, z = self.chunks[chunk].loss_sums(inputs, targets, mask)
-                    ce_total += ce.detach()
-                    z_total += z.detach()
-                    output = (ce + z_loss * z) / denominator
+                    output, ce, z = micro_batch_loss(self.chunks[chunk], inputs, micro_batches[micro_batch],
+                                                     loss_tokens, z_loss, device)
+                    ce_total += ce
+                    z_total += z
                     record.spans.append((f"F{micro_batch}.{chunk}", t0, time.perf_counter()))
                 else:
                     output = self.chunks[chunk](inputs)
