@@ -17,13 +17,25 @@ from megolmo.model.config import ModelConfig
 from megolmo.model.norm import RMSNorm
 from megolmo.model.rope import RotaryEmbedding
 from megolmo.parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardSpec, TensorParallel,
-                                     enter_tensor_parallel_region)
+                                     enter_tensor_parallel_region, exit_tensor_parallel_region)
 
 
 def _check_divisible(value: int, key: str, tp: int) -> int:
     if value % tp:
         raise ValueError(f"model.{key}={value} is not divisible by parallel.tensor={tp}")
     return value // tp
+
+
+class SdpaCore(nn.Module):
+    """Causal attention over ``[batch, seq, heads, head_dim]`` q/k/v, returning ``[batch, seq, heads * head_dim]``:
+    torch's ``scaled_dot_product_attention`` (flash attention on GPUs). Kernel back-ends replace this
+    module (Transformer Engine's ``DotProductAttention`` takes the same layout)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, seq, heads, head_dim = q.shape
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=k.shape[2] != heads)
+        return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
 class Attention(nn.Module):
@@ -43,14 +55,12 @@ class Attention(nn.Module):
                               ShardSpec((q_width,), 0, tp.rank, tp.size), device=device)
         self.k_norm = RMSNorm(kv_width // tp.size, cfg.rms_norm_eps, kv_width, tp.group,
                               ShardSpec((kv_width,), 0, tp.rank, tp.size), device=device)
+        self.core = SdpaCore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tensor_parallel_region(x, self.tp)
         batch, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x)).view(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x)).view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q), self.rope(k)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.local_kv_heads != self.local_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
+        q = self.rope(self.q_norm(self.q_proj(x)).view(batch, seq, self.local_heads, self.head_dim))
+        k = self.rope(self.k_norm(self.k_proj(x)).view(batch, seq, self.local_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(batch, seq, self.local_kv_heads, self.head_dim)
+        return exit_tensor_parallel_region(self.o_proj(self.core(q, k, v)), self.tp)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megolmo.model.config import ModelConfig
-from megolmo.parallel.layers import ColumnParallelLinear, RowParallelLinear, TensorParallel, enter_tensor_parallel_region
+from megolmo.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TensorParallel,
+                                     enter_tensor_parallel_region, exit_tensor_parallel_region)
 
 
 class SwiGLU(nn.Module):
@@ -22,4 +23,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tensor_parallel_region(x, self.tp)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return exit_tensor_parallel_region(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.tp)

@@ -6,6 +6,7 @@ head: that is how a pipeline stage is built, without the model knowing it is pip
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Iterable
 
 import torch
@@ -18,6 +19,23 @@ from megolmo.model.norm import RMSNorm
 from megolmo.model.rope import RotaryEmbedding
 from megolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megolmo.parallel.layers import TensorParallel, VocabParallelEmbedding, VocabParallelHead
+
+
+class LayerExecution:
+    """How the blocks run: plain calls, recomputed in backward under activation checkpointing.
+    Kernel back-ends replace it (``megolmo/kernels``), e.g. to run the layers inside an FP8 autocast."""
+
+    def __init__(self, checkpointing: bool):
+        self.checkpointing = checkpointing
+
+    def stack(self) -> AbstractContextManager:
+        """Entered once around all of a chunk's blocks."""
+        return nullcontext()
+
+    def run(self, layer_id: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
 
 class Olmo2Body(nn.Module):
@@ -35,6 +53,7 @@ class Olmo2Body(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.vocab_pad_multiple,
                                                        device=device)
         self.layers = nn.ModuleDict({str(i): Block(cfg, tp, rope, device=device) for i in layer_ids})
+        self.execution = LayerExecution(cfg.activation_checkpointing)
         if with_final_norm:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device)
             self.norm.weight.sequence_parallel = tp.sequence_parallel and tp.size > 1
@@ -42,11 +61,9 @@ class Olmo2Body(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "embed_tokens"):
             x = self.embed_tokens(x)
-        for block in self.layers.values():
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        with self.execution.stack():
+            for layer_id, block in self.layers.items():
+                x = self.execution.run(int(layer_id), block, x)
         if hasattr(self, "norm"):
             x = self.norm(x)
         return x

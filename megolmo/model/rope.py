@@ -15,9 +15,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` of shape ``[batch, heads, seq, head_dim]`` by its positions 0..seq-1."""
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq], self.sin[:seq]
+        """Rotate ``x`` of shape ``[batch, seq, heads, head_dim]`` by its positions 0..seq-1."""
+        seq = x.shape[1]
+        cos, sin = self.cos[:seq, None], self.sin[:seq, None]
         x32 = x.float()
         half = x32.shape[-1] // 2
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)

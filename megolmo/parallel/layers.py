@@ -73,38 +73,48 @@ def enter_tensor_parallel_region(x: torch.Tensor, tp: TensorParallel) -> torch.T
     return copy_to_tensor_parallel(x, tp.group)
 
 
-class ColumnParallelLinear(nn.Module):
-    """``y = x W^T`` with W split by output rows; the input must already be in the TP region
-    (see ``enter_tensor_parallel_region``) and the output stays split."""
+def exit_tensor_parallel_region(partial: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Sum the row-parallel partial outputs of a TP region: an all-reduce, or a reduce-scatter along
+    the sequence under SP. The closing twin of ``enter_tensor_parallel_region``."""
+    if tp.sequence_parallel:
+        return reduce_scatter_to_sequence_parallel(partial, tp.group)
+    return reduce_from_tensor_parallel(partial, tp.group)
+
+
+class _LocalLinear(nn.Linear):
+    """A bias-free GEMM on this rank's shard, and nothing else: the collectives live in the sublayer
+    (``enter_``/``exit_tensor_parallel_region``), so FP8 back-ends can swap the GEMM module for
+    their own (torchao's ``Float8Linear``, Transformer Engine's ``Linear``) without touching them."""
+
+    def __init__(self, in_features: int, out_features: int, spec: ShardSpec, dtype: torch.dtype | None,
+                 device: torch.device | str | None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        attach_spec(self.weight, spec)
+
+    def reset_parameters(self) -> None:
+        """Nothing: weights are initialised by global name (``model/init.py``), whatever the layout."""
+
+
+class ColumnParallelLinear(_LocalLinear):
+    """``y = x W^T`` with W split by output rows; the input is already in the TP region and the
+    output stays split."""
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
-        super().__init__()
         local_out = _divide(out_features, tp.size, "out_features")
-        self.weight = attach_spec(nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device)),
-                                  ShardSpec((out_features, in_features), 0, tp.rank, tp.size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        super().__init__(in_features, local_out, ShardSpec((out_features, in_features), 0, tp.rank, tp.size),
+                         dtype, device)
 
 
-class RowParallelLinear(nn.Module):
-    """``y = x W^T`` with W split by input columns; partial outputs are summed across the TP group
-    (reduce-scattered along the sequence under sequence parallelism)."""
+class RowParallelLinear(_LocalLinear):
+    """``y = x W^T`` with W split by input columns; its output is this rank's partial sum, to be
+    completed by ``exit_tensor_parallel_region``."""
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
-        super().__init__()
-        self.tp = tp
         local_in = _divide(in_features, tp.size, "in_features")
-        self.weight = attach_spec(nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device)),
-                                  ShardSpec((out_features, in_features), 1, tp.rank, tp.size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
-        if self.tp.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel(partial, self.tp.group)
-        return reduce_from_tensor_parallel(partial, self.tp.group)
+        super().__init__(local_in, out_features, ShardSpec((out_features, in_features), 1, tp.rank, tp.size),
+                         dtype, device)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp_size: int) -> int:
@@ -146,9 +156,7 @@ class VocabParallelEmbedding(_VocabSharded):
         # Each rank holds the rows of its vocabulary slice only: the partial embeddings are summed,
         # straight into sequence shards under sequence parallelism (one reduce-scatter, as Megatron
         # does, instead of an all-reduce followed by a split).
-        if self.tp.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel(out, self.tp.group)
-        return reduce_from_tensor_parallel(out, self.tp.group)
+        return exit_tensor_parallel_region(out, self.tp)
 
 
 class VocabParallelHead(_VocabSharded):
@@ -163,4 +171,4 @@ class VocabParallelHead(_VocabSharded):
 
 
 __all__ = ["TensorParallel", "ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "VocabParallelHead", "enter_tensor_parallel_region", "padded_vocab_size"]
+           "VocabParallelHead", "enter_tensor_parallel_region", "exit_tensor_parallel_region", "padded_vocab_size"]
