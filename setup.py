@@ -25,9 +25,9 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.48"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich", "torchao"],
         "mpi": ["mpi4py"],
-        "gpu": ["transformer-engine[pytorch]"],
+        "gpu": ["transformer-engine[pytorch]", "torchao"],
         "bench": ["ai2-olmo-core", "transformers>=4.48"],
     },
 )

@@ -20,7 +20,8 @@ from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resol
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
-from megolmo.kernels.select import choose_kernels
+from megolmo.kernels.apply import apply_kernels
+from megolmo.kernels.select import Fp8Settings, KernelChoice, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
@@ -39,7 +40,7 @@ from megolmo.pipeline.timeline import busy_and_span, theoretical_bubble, write_t
 from megolmo.run_dir import RunDirectory, choose_run_dir
 from megolmo.step import forward_backward
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: GEMM inputs only
 
 
 def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:
@@ -56,8 +57,10 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
 
 
 def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype: torch.dtype, seed: int,
-                 layer_ranges: list[range], virtual: int) -> list[Olmo2ForCausalLM]:
-    """This rank's model chunks: all layers when there is no pipeline, else its share of them."""
+                 layer_ranges: list[range], virtual: int, kernels: KernelChoice, fp8: Fp8Settings
+                 ) -> list[Olmo2ForCausalLM]:
+    """This rank's model chunks (all layers when there is no pipeline, else its share of them), with
+    the chosen kernels swapped in."""
     chunks = []
     for g in chunks_of_rank(ps.pp_rank, ps.pp, virtual):
         chunk = Olmo2ForCausalLM(cfg, tp, layer_ids=layer_ranges[g], with_embedding=g == 0,
@@ -65,6 +68,7 @@ def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype:
         initialize_parameters(chunk, seed, cfg.initializer_range)
         for param in chunk.parameters():  # parameters only: RoPE's tables stay fp32
             param.data = param.data.to(dtype)
+        apply_kernels(chunk, kernels, fp8, ps.stage_group)
         chunks.append(chunk)
     return chunks
 
@@ -109,8 +113,9 @@ class Trainer:
         if self.load_path is not None and not self.load_path.exists():
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
+        self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
-        self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device)
+        self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8)
         self.dtype = COMPUTE_DTYPES[cfg.precision]
         self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                       self.ps.dp_rank, self.ps.dp)
@@ -118,7 +123,7 @@ class Trainer:
         self.tp = TensorParallel(self.ps.tp_group, bool(p.sequence_parallel))
         torch.manual_seed(t.seed)
         self.chunks = build_chunks(self.model_cfg, self.ps, self.tp, self.dtype, t.seed, self.layer_ranges,
-                                   p.virtual_pipeline)
+                                   p.virtual_pipeline, self.kernels, self.fp8)
         self.model = nn.ModuleList(self.chunks)
         self.engine = None
         if self.ps.pp > 1:
@@ -259,6 +264,7 @@ class Trainer:
         summary = {
             "model": self.model_cfg.to_dict(),
             "precision": self.cfg.precision,
+            "fp8": self.fp8.__dict__ if self.cfg.precision == "fp8" else None,
             "kernels": self.kernels.to_dict(),
             "layout": {"world_size": self.ps.world_size, "tensor": self.ps.tp, "pipeline": self.ps.pp,
                        "data": self.ps.dp, "sequence_parallel": self.tp.sequence_parallel},

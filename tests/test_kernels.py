@@ -9,7 +9,11 @@ import torch
 
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels import available
-from megolmo.kernels.select import choose_kernels
+from megolmo.kernels.apply import apply_kernels
+from megolmo.kernels.select import Fp8Settings, choose_kernels
+from megolmo.model.config import ModelConfig
+from megolmo.model.init import initialize_parameters
+from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
 from tests.helpers import compose_config, run_entry_point
@@ -31,7 +35,9 @@ def test_cpu_resolves_to_plain_torch_and_reports_why_accelerators_are_off():
 
 @pytest.mark.parametrize("backend, precision, message", [
     ("te", "bf16", "model.backend=te: Transformer Engine cannot be used: this process runs on cpu"),
-    ("auto", "fp8", "precision=fp8: this process runs on cpu; use precision=bf16"),
+    ("auto", "fp8", "precision=fp8 needs a CUDA GPU with FP8 tensor cores; this process runs on cpu: "
+                    "use precision=bf16"),
+    ("torch", "fp8", "precision=fp8 needs a CUDA GPU"),
     ("cudnn", "bf16", "model.backend=cudnn: choose one of auto, te, torch"),
     ("auto", "fp16", "precision=fp16: choose one of fp32, bf16, fp8"),
 ])
@@ -40,11 +46,45 @@ def test_impossible_requests_are_refused_at_start_up(backend, precision, message
         choose_kernels(backend, precision, CPU)
 
 
+def test_fp8_settings_are_checked_and_name_the_bf16_blocks():
+    assert Fp8Settings.from_mapping(None) == Fp8Settings("delayed", False)
+    assert Fp8Settings.from_mapping({"recipe": "current", "bf16_first_last": True}).bf16_layers(16) == {0, 15}
+    assert Fp8Settings().bf16_layers(16) == frozenset()
+    with pytest.raises(MegolmoConfigError, match="fp8.recipe=mx: choose one of delayed, current"):
+        Fp8Settings.from_mapping({"recipe": "mx"})
+    with pytest.raises(MegolmoConfigError, match="fp8.margin: unknown key"):
+        Fp8Settings.from_mapping({"margin": 0})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precision=fp8", "precision=fp8 needs a CUDA GPU with FP8 tensor cores; this process runs on cpu"),
+    ("fp8.recipe=mx", "fp8.recipe=mx: choose one of delayed, current"),
+])
+def test_fp8_requests_fail_in_one_line_before_training(tmp_path, override, message):
+    tokens = write_tokens(tmp_path / "t.npy", 20_000, 300)
+    run = run_entry_point(tiny_overrides(tmp_path, tokens, override), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 2
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plain_torch_choice_leaves_the_model_as_built():
+    """The fallback is the reference path itself: nothing is swapped, the loss is unchanged."""
+    cfg = ModelConfig.named("tiny")
+    model = Olmo2ForCausalLM(cfg)
+    initialize_parameters(model, 3, 0.02)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = model.full_logits(ids)
+    assert apply_kernels(model, choose_kernels("auto", "bf16", CPU), Fp8Settings()) == []
+    assert torch.equal(model.full_logits(ids), before)
+
+
 def test_summary_reports_the_kernels_used(tmp_path):
     tokens = write_tokens(tmp_path / "t.npy", 20_000, 300)
     Trainer(compose_config(tiny_overrides(tmp_path, tokens, "trainer.max_steps=1", "optim.warmup_steps=0"))).fit()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["kernels"]["backend"] == "torch" and summary["kernels"]["attention"] == "sdpa"
+    assert summary["kernels"]["norm"] == "torch" and summary["kernels"]["fp8"] is None
 
 
 @needs_cuda

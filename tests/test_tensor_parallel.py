@@ -22,8 +22,9 @@ from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, compose_config, free_port
-from tests.workers.tensor_parallel import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT, hf_batch,
-                                               load_global, random_global_weights, train_overrides)
+from tests.workers.tensor_parallel import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT,
+                                           bf16_float8_model, hf_batch, load_global, random_global_weights,
+                                           train_overrides)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -253,3 +254,22 @@ def test_analytic_scheme_bytes_and_table():
     table = format_table({"settings": {"model": CFG.to_dict(), "micro_batch": 2, "seq_len": 48, "global_batch": 2,
                                        "precision": "fp32", "threads": 1, "steps": 3}, "results": [base, result]})
     assert "64/64" in table and table.splitlines()[-1].split()[:4] == ["2", "on", "0.500", "0.50"]
+
+
+# -- FP8 GEMMs (torchao float8) inside the tensor-parallel sublayers -----------------------------------
+@pytest.mark.parametrize("sp", [False, True], ids=["sp0", "sp1"])
+def test_tp2_float8_matches_single_process_float8(results, sp):
+    """Each rank scales its own shards, so TP=2 is not bit-equal to TP=1 in FP8, but it must agree to FP8
+    accuracy, and far better than FP8 agrees with nothing (the gradients of another batch)."""
+    ids = hf_batch()
+    targets, mask = shift_targets(ids, torch.ones_like(ids, dtype=torch.bool))
+    model = bf16_float8_model(None, random_global_weights(CFG))
+    ce_sum, _ = model.loss_sums(ids, targets, mask)
+    (ce_sum / mask.sum()).backward()
+    assert results["float8"][f"sp{int(sp)}"] == pytest.approx((ce_sum / mask.sum()).item(), rel=2e-3)
+    saved = torch.load(results["dir"] / f"float8_sp{int(sp)}.pt")
+    for name, p in model.named_parameters():
+        spec = p.shard_spec
+        grad = p.grad.float() if spec.dim is None else p.grad.float().narrow(spec.dim, 0, spec.global_shape[spec.dim])
+        cosine = torch.nn.functional.cosine_similarity(saved[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.9, name

@@ -39,3 +39,11 @@ def nvidia_apex_unavailable() -> str | None:
 @cache
 def torchao_float8_unavailable() -> str | None:
     return cuda_unavailable() or _import_error("torchao.float8")
+
+
+def fp8_tensor_cores_unavailable(device: torch.device) -> str | None:
+    """FP8 GEMMs need compute capability 8.9 (Ada) or 9.0 (Hopper) and newer."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 tensor cores"
+    return None

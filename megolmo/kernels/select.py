@@ -1,14 +1,18 @@
-"""The one place that decides which kernels a run uses (``model.backend=auto|te|torch`` and
-``precision``), checked at start-up so that an impossible request fails before anything is built.
+"""The one place that decides which kernels a run uses (``model.backend=auto|te|torch``, ``precision``
+and ``fp8.*``), checked at start-up so that an impossible request fails in one line before anything
+is built.
 
-Wired today: ``torch`` (plain PyTorch; attention through ``scaled_dot_product_attention``, which is flash
-attention on GPUs). The Transformer Engine path (TE linears, RMSNorm, DotProductAttention, FP8 through
-``fp8_autocast``) and torchao float8 plug in here; until they are wired and validated on a GPU,
-requests for them are refused with the reason instead of silently running something else.
+* ``torch``: plain PyTorch; attention through ``scaled_dot_product_attention`` (flash attention on
+  GPUs); NVIDIA apex's fused RMSNorm replaces ours when apex is installed.
+* ``te``: Transformer Engine's ``Linear``, ``RMSNorm`` and ``DotProductAttention`` (CUDA only).
+* FP8: Transformer Engine's autocast with a delayed or current scaling recipe on the ``te`` backend;
+  on the ``torch`` backend, torchao's float8 training (dynamic, i.e. current, tensor-wise scaling).
+  FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer): elsewhere it is refused.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -17,36 +21,83 @@ from megolmo.kernels import available
 
 BACKENDS = ("auto", "te", "torch")
 PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_RECIPES = ("delayed", "current")
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """``fp8.recipe`` and ``fp8.bf16_first_last`` (keep the model's first and last blocks in BF16)."""
+
+    recipe: str = "delayed"
+    bf16_first_last: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "Fp8Settings":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {"recipe", "bf16_first_last"})
+        if unknown:
+            raise MegolmoConfigError(f"fp8.{unknown[0]}: unknown key (known: recipe, bf16_first_last)")
+        settings = cls(**values)
+        if settings.recipe not in FP8_RECIPES:
+            raise MegolmoConfigError(f"fp8.recipe={settings.recipe}: choose one of {', '.join(FP8_RECIPES)}")
+        return settings
+
+    def bf16_layers(self, num_layers: int) -> frozenset[int]:
+        """Global ids of the blocks that run in BF16 under FP8."""
+        return frozenset({0, num_layers - 1}) if self.bf16_first_last else frozenset()
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    backend: str    # what model.backend resolved to
-    attention: str  # "flash-sdpa" on CUDA, "sdpa" on CPU
+    backend: str    # what model.backend resolved to: "te" or "torch"
+    attention: str  # "te-dot-product-attention", "flash-sdpa" (torch on CUDA) or "sdpa"
+    norm: str       # "te", "apex" or "torch"
+    fp8: str | None  # None, "te-delayed", "te-current" or "torchao-tensorwise"
     accelerators: dict[str, str]  # optional library -> "available" or why it is not (reported in summary.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def choose_kernels(backend: str, precision: str, device: torch.device) -> KernelChoice:
+def _fp8_kind(backend: str, fp8: Fp8Settings, device: torch.device) -> str:
+    if device.type != "cuda":
+        raise MegolmoConfigError(f"precision=fp8 needs a CUDA GPU with FP8 tensor cores; this process runs on "
+                                 f"{device.type}: use precision=bf16")
+    unsupported = available.fp8_tensor_cores_unavailable(device)
+    if unsupported:
+        raise MegolmoConfigError(f"precision=fp8: {unsupported}: use precision=bf16")
+    if backend == "te":
+        return f"te-{fp8.recipe}"
+    torchao_missing = available.torchao_float8_unavailable()
+    if torchao_missing:
+        raise MegolmoConfigError("precision=fp8 needs Transformer Engine (model.backend=auto|te) or torchao: "
+                                 f"{available.transformer_engine_unavailable()}; {torchao_missing}")
+    if fp8.recipe != "current":
+        raise MegolmoConfigError(f"fp8.recipe={fp8.recipe} needs Transformer Engine; without it FP8 runs through "
+                                 "torchao float8, which scales dynamically: set fp8.recipe=current")
+    return "torchao-tensorwise"
+
+
+def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8Settings | None = None
+                   ) -> KernelChoice:
     if backend not in BACKENDS:
         raise MegolmoConfigError(f"model.backend={backend}: choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise MegolmoConfigError(f"precision={precision}: choose one of {', '.join(PRECISIONS)}")
     te_missing = available.transformer_engine_unavailable() if device.type == "cuda" else \
         f"this process runs on {device.type}"
-    if backend == "te":
-        reason = te_missing or "megolmo's Transformer Engine path is not wired in this version"
-        raise MegolmoConfigError(f"model.backend=te: Transformer Engine cannot be used: {reason}; "
+    if backend == "te" and te_missing:
+        raise MegolmoConfigError(f"model.backend=te: Transformer Engine cannot be used: {te_missing}; "
                                  "use model.backend=torch")
-    if precision == "fp8":
-        reason = (f"this process runs on {device.type}" if device.type != "cuda" else
-                  "megolmo's FP8 path (Transformer Engine or torchao float8) is not wired in this version")
-        raise MegolmoConfigError(f"precision=fp8: {reason}; use precision=bf16")
+    resolved = "te" if backend == "te" or (backend == "auto" and not te_missing) else "torch"
+    fp8_kind = _fp8_kind(resolved, fp8 or Fp8Settings(), device) if precision == "fp8" else None
+    apex_missing = available.nvidia_apex_unavailable()
     accelerators = {
         "transformer_engine": te_missing or "available",
-        "nvidia_apex": available.nvidia_apex_unavailable() or "available",
+        "nvidia_apex": apex_missing or "available",
         "torchao_float8": available.torchao_float8_unavailable() or "available",
     }
-    return KernelChoice("torch", "flash-sdpa" if device.type == "cuda" else "sdpa", accelerators)
+    if resolved == "te":
+        return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, accelerators)
+    return KernelChoice("torch", "flash-sdpa" if device.type == "cuda" else "sdpa",
+                        "torch" if apex_missing else "apex", fp8_kind, accelerators)

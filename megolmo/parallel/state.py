@@ -31,6 +31,7 @@ class ParallelState:
     tp_group: Group = None
     pp_group: Group = None
     dp_group: Group = None
+    stage_group: Group = None  # the TP x DP ranks of this pipeline stage (FP8 scaling factors are agreed here)
     world_group: Group = None
     device: torch.device = torch.device("cpu")
 
@@ -69,13 +70,14 @@ def _new_groups(world_size: int, tp: int, dp: int, pp: int, rank: int):
         "tp": [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "stage": [[p * dp * tp + i for i in range(dp * tp)] for p in range(pp)],
     }
     for kind, groups in ranks_of.items():
         for ranks in groups:
             group = dist.new_group(ranks) if len(ranks) > 1 else None
             if rank in ranks:
                 mine[kind] = group
-    return mine["tp"], mine["dp"], mine["pp"]
+    return mine["tp"], mine["dp"], mine["pp"], mine["stage"]
 
 
 def initialize(tp: int = 1, pp: int = 1, timeout_s: float = 600.0,
@@ -95,9 +97,9 @@ def initialize(tp: int = 1, pp: int = 1, timeout_s: float = 600.0,
                                 rank=launch.rank, world_size=launch.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     tp_rank, dp_rank, pp_rank = layout_coordinates(launch.rank, tp, dp)
-    tp_group, dp_group, pp_group = _new_groups(launch.world_size, tp, dp, pp, launch.rank)
+    tp_group, dp_group, pp_group, stage_group = _new_groups(launch.world_size, tp, dp, pp, launch.rank)
     return ParallelState(launch.rank, launch.world_size, launch.local_rank, tp, pp, dp,
-                         tp_rank, pp_rank, dp_rank, tp_group, pp_group, dp_group,
+                         tp_rank, pp_rank, dp_rank, tp_group, pp_group, dp_group, stage_group,
                          dist.group.WORLD, device)
 
 

@@ -7,6 +7,8 @@ the pytest side compares that with single-process megolmo and transformers.
 Cases (ranks 0..3; TP=2 runs on the pairs {0,1} and {2,3}, TP=4 on all four):
 * ``hf``: TP=2, sequence parallelism off and on, the model holding given global weights: loss, z-loss,
   full logits and the gathered gradients on one batch.
+* ``float8``: TP=2, SP off and on, the same weights in BF16 with torchao float8 GEMMs: loss and the
+  gathered gradients on one batch.
 * ``block``: the collectives of one block's forward and backward, TP=2 and 4, SP off and on.
 * ``train``: the real Trainer for 10 steps with TP=1 (DP=4), TP=2 (DP=2) and TP=4, SP off and on: losses,
   grad norms, the gathered initial weights and the tensor-parallel collectives of the first step.
@@ -145,6 +147,39 @@ def case_hf(groups, rank: int, out: Path) -> dict:
     return result
 
 
+def bf16_float8_model(tp: TensorParallel, weights: dict[str, torch.Tensor]) -> Olmo2ForCausalLM:
+    """The model in BF16 with torchao float8 GEMMs in every block (the torch back-end's FP8 path)."""
+    from megolmo.kernels.float8 import convert_to_float8
+
+    model = Olmo2ForCausalLM(CFG, tp)
+    load_global(model, weights)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    convert_to_float8(model, frozenset())
+    return model
+
+
+def case_float8(groups, rank: int, out: Path) -> dict:
+    """TP=2, SP off and on, float8 GEMMs on each rank's shards: loss and gathered gradients."""
+    result = {}
+    weights = random_global_weights(CFG)
+    ids = hf_batch()
+    targets, mask = shift_targets(ids, torch.ones_like(ids, dtype=torch.bool))
+    for sp in (False, True):
+        tp = TensorParallel(groups[2], sp)
+        model = bf16_float8_model(tp, weights)
+        ce_sum, _ = model.loss_sums(ids, targets, mask)
+        (ce_sum / mask.sum()).backward()
+        grads = gather_global(model, tp, grads=True)
+        for name, p in model.named_parameters():
+            if getattr(p, "sequence_parallel", False):
+                dist.all_reduce(grads[name], group=tp.group)
+        if rank == 0:
+            torch.save(grads, out / f"float8_sp{int(sp)}.pt")
+        result[f"sp{int(sp)}"] = (ce_sum / mask.sum()).item()
+    return result
+
+
 def case_block(groups, rank: int) -> dict:
     result = {}
     one_layer = ModelConfig(**{**CFG.to_dict(), "num_hidden_layers": 1})
@@ -208,7 +243,8 @@ def main(argv: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     groups = tp_groups(world, rank)
-    results = {"hf": case_hf(groups, rank, out), "block": case_block(groups, rank),
+    results = {"hf": case_hf(groups, rank, out), "float8": case_float8(groups, rank, out),
+               "block": case_block(groups, rank),
                "train": case_train(rank, out, tokens)}
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -1,0 +1,25 @@
+"""Puts a ``KernelChoice`` into a built model chunk, before its parameters go into the flat buffers.
+The back-end modules are imported here only, and only when chosen."""
+from __future__ import annotations
+
+from megolmo.kernels.select import Fp8Settings, KernelChoice
+from megolmo.model.olmo2 import Olmo2ForCausalLM
+from megolmo.parallel.mappings import Group
+
+
+def apply_kernels(model: Olmo2ForCausalLM, choice: KernelChoice, fp8: Fp8Settings, amax_group: Group = None
+                  ) -> list[str]:
+    """Swap in the chosen back-end's modules; returns the names of the modules replaced."""
+    bf16_layers = fp8.bf16_layers(model.cfg.num_hidden_layers)
+    if choice.backend == "te":
+        from megolmo.kernels.te import apply_transformer_engine
+        recipe = choice.fp8.removeprefix("te-") if choice.fp8 else None
+        return apply_transformer_engine(model, recipe, amax_group, bf16_layers)
+    swapped: list[str] = []
+    if choice.norm == "apex":
+        from megolmo.kernels.apex import apply_fused_rms_norm
+        swapped += apply_fused_rms_norm(model)
+    if choice.fp8 == "torchao-tensorwise":
+        from megolmo.kernels.float8 import convert_to_float8
+        swapped += convert_to_float8(model, bf16_layers)
+    return swapped
