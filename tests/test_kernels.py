@@ -3,6 +3,7 @@ session with a lent GPU runs (skipped here with the reason)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ from tests.test_trainer import tiny_overrides
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+needs_te = pytest.mark.skipif(available.transformer_engine_unavailable() is not None,
+                              reason=f"needs Transformer Engine: {available.transformer_engine_unavailable()}")
+needs_apex = pytest.mark.skipif(available.nvidia_apex_unavailable() is not None,
+                                reason=f"needs NVIDIA apex: {available.nvidia_apex_unavailable()}")
 
 
 def test_cpu_resolves_to_plain_torch_and_reports_why_accelerators_are_off():
@@ -92,7 +99,7 @@ def test_gpu_bf16_loss_matches_cpu_fp32(tmp_path):
     """On the GPU (NCCL-free single rank, bf16, flash SDPA) the tiny model's losses track CPU fp32."""
     tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
     gpu = Trainer(compose_config(tiny_overrides(tmp_path / "gpu", tokens, "precision=bf16", "optim.lr=1e-3")))
-    assert gpu.ps.device.type == "cuda" and gpu.kernels.attention == "flash-sdpa"
+    assert gpu.ps.device.type == "cuda" and gpu.kernels.attention in ("flash-sdpa", "te-dot-product-attention")
     gpu_records = gpu.fit()
     cpu = run_entry_point(tiny_overrides(tmp_path / "cpu", tokens, "optim.lr=1e-3"), env={"CUDA_VISIBLE_DEVICES": ""})
     assert cpu.returncode == 0, cpu.stderr[-2000:]
@@ -100,3 +107,63 @@ def test_gpu_bf16_loss_matches_cpu_fp32(tmp_path):
     assert len(cpu_losses) == len(gpu_records)
     for a, b in zip(cpu_losses, gpu_records):
         assert b.loss == pytest.approx(a, rel=0.02)
+
+
+def _finite_and_falling(records) -> None:
+    losses = [r.loss for r in records]
+    assert all(math.isfinite(x) for x in losses) and all(math.isfinite(r.grad_norm) for r in records)
+    assert losses[-1] < 0.8 * losses[0], losses[::10]
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("backend, recipe", [("auto", "delayed"), ("auto", "current"), ("torch", "current")])
+def test_gpu_fp8_trains_fifty_steps_without_nan(tmp_path, backend, recipe):
+    """FP8 on the tiny model (dims multiples of 16): TE's recipes when TE is installed, torchao's float8
+    on the torch back-end, with the first and last blocks in BF16."""
+    if backend == "auto" and recipe == "delayed" and available.transformer_engine_unavailable():
+        pytest.skip(f"delayed scaling needs Transformer Engine: {available.transformer_engine_unavailable()}")
+    tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
+    trainer = Trainer(compose_config(tiny_overrides(
+        tmp_path, tokens, "precision=fp8", f"model.backend={backend}", f"fp8.recipe={recipe}",
+        "fp8.bf16_first_last=true", "trainer.max_steps=50", "optim.lr=1e-3")))
+    assert trainer.kernels.fp8 in ("te-delayed", "te-current", "torchao-tensorwise")
+    _finite_and_falling(trainer.fit())
+
+
+@needs_te
+def test_gpu_transformer_engine_matches_torch_and_their_checkpoints_interchange(tmp_path):
+    tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
+
+    def run(name: str, backend: str, *extra: str):
+        trainer = Trainer(compose_config(tiny_overrides(tmp_path / name, tokens, "precision=bf16", "optim.lr=1e-3",
+                                                        f"model.backend={backend}", "trainer.max_steps=10",
+                                                        "trainer.save_interval=5", "trainer.keep_steps=[5]", *extra)))
+        return trainer, trainer.fit()
+
+    te_trainer, te_records = run("te", "te")
+    assert te_trainer.kernels.backend == "te"
+    names = [n for chunk in te_trainer.chunks for n, _ in chunk.named_parameters()]
+    torch_trainer, torch_records = run("torch", "torch")
+    assert names == [n for chunk in torch_trainer.chunks for n, _ in chunk.named_parameters()]
+    for a, b in zip(te_records, torch_records):
+        assert a.loss == pytest.approx(b.loss, rel=0.02)
+    step5 = next((tmp_path / "te" / "run" / "checkpoints").glob("stage1-step5-*"))
+    _, resumed = run("resumed", "torch", f"load_path={step5}")
+    assert [r.step for r in resumed] == list(range(6, 11))
+    for a, b in zip(te_records[5:], resumed):
+        assert a.loss == pytest.approx(b.loss, rel=0.02)
+
+
+@needs_apex
+def test_gpu_apex_fused_rms_norm_matches_ours():
+    cfg = ModelConfig.named("tiny")
+    device = torch.device("cuda")
+    model = Olmo2ForCausalLM(cfg, device=device)
+    initialize_parameters(model, 3, 0.02)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device)
+    before = model.full_logits(ids).float()
+    choice = choose_kernels("torch", "bf16", device)
+    assert choice.norm == "apex" and apply_kernels(model, choice, Fp8Settings())
+    assert (model.full_logits(ids).float() - before).abs().max() < 0.05 * before.abs().max()
