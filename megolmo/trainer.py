@@ -21,6 +21,7 @@ from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.apply import apply_kernels
+from megolmo.kernels.fused_adam import UPDATES
 from megolmo.kernels.select import Fp8Settings, KernelChoice, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
@@ -143,7 +144,7 @@ class Trainer:
         self.optimizer = DistributedAdamW(
             self.buffers, AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
             self.ps.dp_group, bool(p.distributed_optimizer), self.ps.tp_rank,
-            [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None])
+            [g for g in (self.ps.tp_group, self.ps.pp_group) if g is not None], UPDATES.get(self.kernels.optimizer))
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
         self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps))
         self.start_step, self.resumed_from = self.restore()

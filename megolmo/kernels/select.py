@@ -4,6 +4,8 @@ is built.
 
 * ``torch``: plain PyTorch; attention through ``scaled_dot_product_attention`` (flash attention on
   GPUs); NVIDIA apex's fused RMSNorm replaces ours when apex is installed.
+* The AdamW update: apex's fused Adam kernel when apex is installed, torch's fused AdamW kernel on
+  other GPUs, the reference element-wise maths on CPUs.
 * ``te``: Transformer Engine's ``Linear``, ``RMSNorm`` and ``DotProductAttention`` (CUDA only).
 * FP8: Transformer Engine's autocast with a delayed or current scaling recipe on the ``te`` backend;
   on the ``torch`` backend, torchao's float8 training (dynamic, i.e. current, tensor-wise scaling).
@@ -53,6 +55,7 @@ class KernelChoice:
     attention: str  # "te-dot-product-attention", "flash-sdpa" (torch on CUDA) or "sdpa"
     norm: str       # "te", "apex" or "torch"
     fp8: str | None  # None, "te-delayed", "te-current" or "torchao-tensorwise"
+    optimizer: str  # "apex-fused-adam", "torch-fused-adamw" (CUDA without apex) or "reference" (element-wise)
     accelerators: dict[str, str]  # optional library -> "available" or why it is not (reported in summary.json)
 
     def to_dict(self) -> dict:
@@ -97,7 +100,9 @@ def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8S
         "nvidia_apex": apex_missing or "available",
         "torchao_float8": available.torchao_float8_unavailable() or "available",
     }
+    optimizer = ("apex-fused-adam" if not apex_missing else
+                 "torch-fused-adamw" if device.type == "cuda" else "reference")
     if resolved == "te":
-        return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, accelerators)
+        return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, optimizer, accelerators)
     return KernelChoice("torch", "flash-sdpa" if device.type == "cuda" else "sdpa",
-                        "torch" if apex_missing else "apex", fp8_kind, accelerators)
+                        "torch" if apex_missing else "apex", fp8_kind, optimizer, accelerators)

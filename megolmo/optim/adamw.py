@@ -11,6 +11,7 @@ The update is element-wise, so sharding changes which rank computes an element, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,18 @@ class Segment:
     counts_in_norm: bool
 
 
+def complement(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The parts of ``[0, length)`` outside the sorted, disjoint ``ranges``."""
+    gaps, cursor = [], 0
+    for start, end in ranges:
+        if cursor < start:
+            gaps.append((cursor, start))
+        cursor = end
+    if cursor < length:
+        gaps.append((cursor, length))
+    return gaps
+
+
 def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Join touching ranges, so weight decay is a few large multiplies, not one per parameter."""
     merged: list[tuple[int, int]] = []
@@ -58,8 +71,11 @@ def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class DistributedAdamW:
+    """``fused_update`` (from ``megolmo/kernels/fused_adam.py``) replaces the reference element-wise maths
+    with one fused kernel per shard and weight-decay group."""
+
     def __init__(self, buffers: FlatBuffers, settings: AdamWSettings, dp_group: Group, sharded: bool,
-                 tp_rank: int, norm_groups: list[Group]):
+                 tp_rank: int, norm_groups: list[Group], fused_update: Callable | None = None):
         self.buffers = buffers
         self.settings = settings
         self.dp_group = dp_group
@@ -69,6 +85,7 @@ class DistributedAdamW:
         self.shards = [b.shard(self.dp_rank, self.dp) if self.sharded else (b.start, b.end) for b in buffers.buckets]
         self.segments = self._segments(tp_rank)
         self.decay_ranges = [merged_ranges([(s.start, s.end) for s in segs if s.decay]) for segs in self.segments]
+        self.fused_update = fused_update
         fp32_params = buffers.params.dtype == torch.float32
         self.master = [buffers.params[s:e] if fp32_params else buffers.params[s:e].float() for s, e in self.shards]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
@@ -116,6 +133,9 @@ class DistributedAdamW:
         bias2 = 1 - beta2 ** self.step_count
         for i, grad in enumerate(self.grad_shards()):
             grad.mul_(scale)
+            if self.fused_update is not None:
+                self._fused_step(i, grad, lr)
+                continue
             master, m, v = self.master[i], self.exp_avg[i], self.exp_avg_sq[i]
             if self.settings.weight_decay:
                 for start, end in self.decay_ranges[i]:
@@ -126,6 +146,15 @@ class DistributedAdamW:
             master.addcdiv_(m, denom, value=-lr / bias1)
         self.write_back_parameters()
         return float(norm)
+
+    def _fused_step(self, i: int, grad: torch.Tensor, lr: float) -> None:
+        """One fused call for the decayed ranges of shard ``i`` and one for the rest (embeddings, padding)."""
+        decayed = self.decay_ranges[i]
+        for ranges, weight_decay in ((decayed, self.settings.weight_decay), (complement(decayed, grad.numel()), 0.0)):
+            if ranges:
+                views = [[t[s:e] for s, e in ranges] for t in (self.master[i], grad, self.exp_avg[i], self.exp_avg_sq[i])]
+                self.fused_update(*views, lr=lr, betas=self.settings.betas, eps=self.settings.eps,
+                                  step=self.step_count, weight_decay=weight_decay)
 
     def write_back_parameters(self) -> None:
         """Copy the fp32 master shard into the compute-dtype parameters and, if sharded, all-gather them."""
