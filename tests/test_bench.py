@@ -58,6 +58,61 @@ def test_result_structure_and_flops():
     json.dumps(result)
 
 
+def test_cpu_rows_have_no_memory_or_mfu():
+    """Memory is tracked on CUDA only and there is no peak for a CPU: None, shown as "-"."""
+    result = bench.run_benchmark(small_settings(peers=("megolmo",)))
+    row = result["results"][0]
+    for key in ("resident_bytes", "peak_step_bytes", "peak_bytes_alone", "mfu_device_peak", "vs_published"):
+        assert row[key] is None, key
+    lines = bench.format_table(result).splitlines()
+    head, data = lines[0].split(), lines[2].split()
+    assert head[-2:] == ["peak", "GiB"] and data[0] == "megolmo" and data[-2:] == ["-", "-"]  # MFU, peak GiB
+
+
+def test_fp8_on_cpu_is_skipped_with_one_line_reasons(tmp_path, monkeypatch):
+    result = bench.run_benchmark(small_settings(precisions=("bf16", "fp8")))
+    assert {(r["peer"], r["precision"]) for r in result["results"]} == {("megolmo", "bf16"), ("transformers", "bf16")}
+    assert set(result["mm_flops"]) == {"bf16"}
+    reasons = {(s["peer"], s["precision"]): s["reason"] for s in result["skipped"]}
+    assert set(reasons) == {("megolmo", "fp8"), ("transformers", "fp8")}
+    assert reasons[("megolmo", "fp8")].startswith("precision=fp8 needs a CUDA GPU")
+    assert reasons[("transformers", "fp8")] == bench.NO_FP8
+    assert all("\n" not in r for r in reasons.values())
+    assert "precision=fp8 needs a CUDA GPU" in bench.format_table(result)
+    # Nothing at all to time: no crash, exit code 1.
+    monkeypatch.setattr(bench, "resolve_model", lambda name: SMALL)
+    assert bench.main(["--seq-len", "8", "--batch", "1", "--steps", "1", "--warmup", "0", "--precisions", "fp8",
+                       "--peers", "megolmo,transformers", "--threads", "1", "--mm-size", "64"]) == 1
+
+
+def test_checkpointing_groups():
+    """Checkpointing on and off are separate groups: same first loss, ratios within each group."""
+    result = bench.run_benchmark(small_settings(checkpointing=(False, True)))
+    rows = {(r["peer"], r["activation_checkpointing"]): r for r in result["results"]}
+    assert set(rows) == {(p, c) for p in ("megolmo", "transformers") for c in (False, True)}
+    assert rows[("megolmo", True)]["first_loss"] == pytest.approx(rows[("megolmo", False)]["first_loss"], abs=1e-5)
+    for ckpt in (False, True):
+        mine, theirs = rows[("megolmo", ckpt)], rows[("transformers", ckpt)]
+        assert mine["ratio_megolmo"] == pytest.approx(1.0)
+        assert theirs["ratio_megolmo"] == pytest.approx(mine["tokens_per_s"] / theirs["tokens_per_s"])
+        assert theirs["first_loss"] == pytest.approx(mine["first_loss"], abs=1e-4)
+    assert set(result["mm_flops"]) == {"fp32"}
+    table = bench.format_table(result)
+    assert "megolmo/fp32/ckpt=on" in table and "megolmo/fp32/ckpt=off" in table
+
+
+def test_published_figures_apply_to_gpu_runs_at_4096():
+    assert bench.published_tokens_per_s("olmo2_1b", "fp8", "cuda", 4096) == 65_000
+    assert bench.published_tokens_per_s("olmo2_1b", "bf16", "cpu", 4096) is None
+    assert bench.published_tokens_per_s("olmo2_1b", "bf16", "cuda", 2048) is None
+    for name, _ in bench.PUBLISHED_TOKENS_PER_S:  # the keys are the names of the shipped model configs
+        assert ModelConfig.named(name).name == name
+
+
+def test_cli_rejects_unknown_checkpointing():
+    assert bench.main(["--activation-checkpointing", "sometimes"]) == 2
+
+
 def test_failing_peer_is_skipped(monkeypatch):
     def unavailable(*args, **kwargs):
         raise ImportError("No module named 'olmo_core'")
@@ -84,3 +139,12 @@ def test_olmo_core_names_cover_the_model():
     mapped = {bench.olmo_core_name(n) for n in names}
     assert len(mapped) == len(names)
     assert "blocks.1.feed_forward.w1.weight" in mapped and "lm_head.norm.weight" in mapped
+
+
+def test_olmo_core_checkpointing_matches_megolmo():
+    pytest.importorskip("olmo_core")
+    result = bench.run_benchmark(small_settings(peers=("megolmo", "olmo_core"), checkpointing=(True,)))
+    assert result["skipped"] == []
+    mine, theirs = result["results"]
+    assert theirs["peer"] == "olmo_core" and theirs["activation_checkpointing"]
+    assert theirs["first_loss"] == pytest.approx(mine["first_loss"], abs=1e-4)

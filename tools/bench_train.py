@@ -1,8 +1,19 @@
-"""Training-step throughput of megolmo vs transformers vs OLMo-core on one OLMo 2 config, fp32 and bf16.
+"""Training-step throughput of megolmo vs transformers vs OLMo-core on one OLMo 2 config: tokens/s,
+TFLOP/s, the fraction of a measured large torch.mm, MFU against the GPU's dense BF16 peak and peak
+memory (CUDA), for each precision (fp32, bf16, fp8) and activation checkpointing off/on.
 
 `python tools/bench_train.py [--model bench|olmo2_1b|...] [--seq-len 512] [--batch 4] [--steps 6] [--warmup 2]
-[--precisions fp32,bf16] [--peers megolmo,transformers,olmo_core] [--threads N] [--device cpu|cuda] [--json OUT]`
-(the logic lives in megolmo/benchmarks/train_step.py).
+[--precisions fp32,bf16,fp8] [--activation-checkpointing off,on] [--fp8-recipe delayed|current]
+[--peers megolmo,transformers,olmo_core] [--threads N] [--device cpu|cuda] [--mm-size N] [--json OUT]`
+
+fp8 runs megolmo only (the peers have no FP8 path and are listed as skipped), and needs a GPU with
+FP8 tensor cores. The issue's goals on one H100 (run peers separately: a group's peers stay resident
+together on the GPU):
+
+    python tools/bench_train.py --device cuda --model olmo2_1b --seq-len 4096 --batch 4 \\
+        --precisions bf16,fp8 --activation-checkpointing off,on --peers megolmo --json bench_gpu.json
+
+The logic lives in megolmo/benchmarks/train_step.py.
 """
 
 import os
