@@ -9,7 +9,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_RANKS ?= 8
 DEMO_PORT  ?= 29517
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ test: venv
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'
 	OMP_NUM_THREADS=2 $(PY) tools/bench_train.py
+
+# What a lent GPU machine (CUDA PyTorch and transformers, no network) lacks, as wheels for its Python 3.12:
+# carry .whl and run `bash tools/gpu_validate.sh` there.
+gpu-wheels: venv
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 torchao==0.18.0
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs *.egg-info

@@ -148,3 +148,9 @@ def test_olmo_core_checkpointing_matches_megolmo():
     mine, theirs = result["results"]
     assert theirs["peer"] == "olmo_core" and theirs["activation_checkpointing"]
     assert theirs["first_loss"] == pytest.approx(mine["first_loss"], abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_refuses_cuda_without_a_gpu_in_one_line(capsys):
+    assert bench.main(["--device", "cuda", "--peers", "megolmo"]) == 2
+    assert capsys.readouterr().err.strip() == f"bench_train: --device cuda: no CUDA device is visible to this torch ({torch.__version__})"

@@ -741,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_train: {flag}: unknown or empty {unknown or given} (choices: {', '.join(known)})",
                   file=sys.stderr)
             return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_train: --device cuda: no CUDA device is visible to this torch "
+              f"({torch.__version__})", file=sys.stderr)
+        return 2
     settings = BenchSettings(model=resolve_model(args.model), seq_len=args.seq_len, batch=args.batch,
                              steps=args.steps, warmup=args.warmup, precisions=_split(args.precisions),
                              checkpointing=tuple(CHECKPOINTING[x] for x in _split(args.activation_checkpointing)),
