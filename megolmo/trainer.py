@@ -20,7 +20,7 @@ from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resol
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
-from megolmo.kernels.apply import apply_kernels
+from megolmo.kernels.apply import prepare_model
 from megolmo.kernels.fused_adam import UPDATES
 from megolmo.kernels.select import Fp8Settings, KernelChoice, choose_kernels
 from megolmo.model.config import ModelConfig
@@ -58,8 +58,8 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
 
 
 def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype: torch.dtype, seed: int,
-                 layer_ranges: list[range], virtual: int, kernels: KernelChoice, fp8: Fp8Settings
-                 ) -> list[Olmo2ForCausalLM]:
+                 layer_ranges: list[range], virtual: int, kernels: KernelChoice, fp8: Fp8Settings,
+                 compile_blocks: bool = False) -> list[Olmo2ForCausalLM]:
     """This rank's model chunks (all layers when there is no pipeline, else its share of them), with
     the chosen kernels swapped in."""
     chunks = []
@@ -67,10 +67,7 @@ def build_chunks(cfg: ModelConfig, ps: ParallelState, tp: TensorParallel, dtype:
         chunk = Olmo2ForCausalLM(cfg, tp, layer_ids=layer_ranges[g], with_embedding=g == 0,
                                  with_head=g == len(layer_ranges) - 1, device=ps.device)
         initialize_parameters(chunk, seed, cfg.initializer_range)
-        for param in chunk.parameters():  # parameters only: RoPE's tables stay fp32
-            param.data = param.data.to(dtype)
-        apply_kernels(chunk, kernels, fp8, ps.stage_group)
-        chunks.append(chunk)
+        chunks.append(prepare_model(chunk, dtype, kernels, fp8, ps.stage_group, compile_blocks))
     return chunks
 
 
@@ -124,7 +121,7 @@ class Trainer:
         self.tp = TensorParallel(self.ps.tp_group, bool(p.sequence_parallel))
         torch.manual_seed(t.seed)
         self.chunks = build_chunks(self.model_cfg, self.ps, self.tp, self.dtype, t.seed, self.layer_ranges,
-                                   p.virtual_pipeline, self.kernels, self.fp8)
+                                   p.virtual_pipeline, self.kernels, self.fp8, bool(t.compile))
         self.model = nn.ModuleList(self.chunks)
         self.engine = None
         if self.ps.pp > 1:

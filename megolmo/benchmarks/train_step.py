@@ -38,8 +38,10 @@ The run for the issue's goals (55k tokens/s bf16, 65k fp8, 60% of the bf16 matmu
     python tools/bench_train.py --device cuda --model olmo2_1b --seq-len 4096 --batch 4 \\
         --precisions bf16,fp8 --activation-checkpointing off,on --peers megolmo --json bench_gpu.json
 
-Peers of a group stay resident together on the one GPU, so the default peer set may not fit at
-olmo2_1b: run the peers separately (``--peers transformers``, ``--peers olmo_core``).
+and again with ``--compile`` (every peer's blocks through ``torch.compile``, as OLMo-core's published
+figures are taken). Peers of a group stay resident together on the one GPU, so the default peer set may
+not fit at olmo2_1b: run the peers separately (``--peers transformers``, ``--peers olmo_core``).
+``tools/gpu_validate.sh`` runs all of this on a lent GPU machine.
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ class BenchSettings:
     precisions: tuple[str, ...] = ("fp32", "bf16")
     checkpointing: tuple[bool, ...] = (False,)
     fp8_recipe: str = "delayed"
+    compile: bool = False
     peers: tuple[str, ...] = PEERS
     threads: int | None = None
     device: str = "cpu"
@@ -115,11 +118,13 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class Variant:
-    """What every peer of one group runs: a precision and activation checkpointing on or off."""
+    """What every peer of one group runs: a precision, activation checkpointing on or off, and whether
+    each peer's transformer blocks go through ``torch.compile`` (as OLMo-core's published figures do)."""
 
     precision: str
     checkpointing: bool
     fp8_recipe: str = "delayed"
+    compile: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,7 +262,7 @@ def build_megolmo(cfg: ModelConfig, v: Variant, device: torch.device, seed: int,
     """The trainer's own single-rank step: its kernel choice (modules and AdamW update), flat
     parameter/fp32-gradient buffers, the gradient synchronizer's hooks, ``forward_backward`` and
     ``DistributedAdamW`` (dp = 1)."""
-    from megolmo.kernels.apply import apply_kernels
+    from megolmo.kernels.apply import prepare_model
     from megolmo.kernels.fused_adam import UPDATES
     from megolmo.kernels.select import Fp8Settings, choose_kernels
     from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
@@ -268,9 +273,7 @@ def build_megolmo(cfg: ModelConfig, v: Variant, device: torch.device, seed: int,
     fp8 = Fp8Settings(recipe=v.fp8_recipe)
     choice = choose_kernels("auto", v.precision, device, fp8)  # before building: fp8 on a CPU fails here
     model = _megolmo_reference(replace(cfg, activation_checkpointing=v.checkpointing), seed).to(device)
-    for param in model.parameters():  # parameters only, as the trainer does: RoPE's tables stay fp32
-        param.data = param.data.to(v.dtype)
-    apply_kernels(model, choice, fp8)
+    prepare_model(model, v.dtype, choice, fp8, compile_blocks=v.compile)  # as the trainer's build_chunks does
     num_params = global_param_count(model)
     buffers = FlatBuffers(list(model.named_parameters()), 1, bucket_size)
     grad_sync = GradientSynchronizer(buffers, None, 1, reduce_scatter=False, overlap=True)
@@ -323,6 +326,9 @@ def build_transformers(cfg: ModelConfig, v: Variant, device: torch.device, seed:
     model = model.to(device=device, dtype=v.dtype).train()
     if v.checkpointing:
         _enable_hf_checkpointing(model)
+    if v.compile:
+        for layer in model.model.layers:
+            layer.compile()
     opt = _adamw(model.named_parameters(), lambda n: "embed_tokens" in n)
     params = [p for p in model.parameters() if p.requires_grad]
     input_ids, label_mask = (t.to(device) for t in batch)
@@ -393,6 +399,8 @@ def build_olmo_core(cfg: ModelConfig, v: Variant, device: torch.device, seed: in
     backend = type(model.blocks["0"].attention.backend).__name__ if hasattr(model, "blocks") else "?"
     if v.checkpointing:
         model.apply_activation_checkpointing(TransformerActivationCheckpointingMode.full)
+    if v.compile:
+        model.apply_compile()  # after checkpointing, as OLMo-core requires
     opt = _adamw(model.named_parameters(), lambda n: n.startswith("embeddings."))
     params = [p for p in model.parameters() if p.requires_grad]
     input_ids, label_mask = (t.to(device) for t in batch)
@@ -610,7 +618,7 @@ def run_benchmark(s: BenchSettings, log: Callable[[str], None] = lambda _: None)
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}; batch {s.batch} x "
         f"seq {s.seq_len} = {tokens} tokens/step; {flops_token / 1e9:.3f} GFLOP/token; {threads} threads, {device}")
 
-    groups = [Variant(p, c, s.fp8_recipe) for p in s.precisions for c in s.checkpointing]
+    groups = [Variant(p, c, s.fp8_recipe, s.compile) for p in s.precisions for c in s.checkpointing]
     last_use = {v.mm_key: i for i, v in enumerate(groups)}
     mm_before: dict[str, float] = {}  # one matmul rate per parameter dtype, before its first group and after its last
     for i, v in enumerate(groups):
@@ -717,6 +725,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "on a GPU with FP8 tensor cores)")
     p.add_argument("--activation-checkpointing", default="off", help="comma-separated: off, on (each one a group)")
     p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed", help="megolmo's FP8 scaling recipe")
+    p.add_argument("--compile", action="store_true", help="torch.compile every peer's transformer blocks")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of the default")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None: all usable cores")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: synchronized timing, memory, MFU")
@@ -748,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(model=resolve_model(args.model), seq_len=args.seq_len, batch=args.batch,
                              steps=args.steps, warmup=args.warmup, precisions=_split(args.precisions),
                              checkpointing=tuple(CHECKPOINTING[x] for x in _split(args.activation_checkpointing)),
-                             fp8_recipe=args.fp8_recipe, peers=_split(args.peers), threads=args.threads,
+                             fp8_recipe=args.fp8_recipe, compile=args.compile, peers=_split(args.peers), threads=args.threads,
                              device=args.device, seed=args.seed, mm_size=args.mm_size)
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(result))

@@ -2,6 +2,8 @@
 The back-end modules are imported here only, and only when chosen."""
 from __future__ import annotations
 
+import torch
+
 from megolmo.kernels.select import Fp8Settings, KernelChoice
 from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.parallel.mappings import Group
@@ -23,3 +25,18 @@ def apply_kernels(model: Olmo2ForCausalLM, choice: KernelChoice, fp8: Fp8Setting
         from megolmo.kernels.float8 import convert_to_float8
         swapped += convert_to_float8(model, bf16_layers)
     return swapped
+
+
+def prepare_model(model: Olmo2ForCausalLM, dtype: torch.dtype, choice: KernelChoice, fp8: Fp8Settings,
+                  amax_group: Group = None, compile_blocks: bool = False) -> Olmo2ForCausalLM:
+    """A freshly initialised chunk made ready to train: parameters in the compute dtype (RoPE's tables
+    stay fp32), the chosen kernels swapped in, and each block compiled by ``torch.compile`` when asked
+    (``trainer.compile``: it fuses the memory-bound norm, RoPE and SwiGLU work; blocks share their
+    structure, so one compilation serves them all)."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    apply_kernels(model, choice, fp8, amax_group)
+    if compile_blocks:
+        for block in model.model.layers.values():
+            block.compile()
+    return model
