@@ -9,21 +9,37 @@ import torch
 from torch import nn
 
 from megolmo.parallel.layers import ShardSpec, attach_spec
-from megolmo.parallel.mappings import Group, all_reduce_sum, group_size
+from megolmo.parallel.mappings import Group, all_reduce_sum
 
 
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce sum forward and backward: every rank's partial statistic feeds every rank's output,
-    so the gradient of a rank's partial sum is the sum of every rank's output gradient."""
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward that keeps only the input (in its own dtype) and the fp32
+    ``1/rms`` per row: autograd through the fp32 formula would keep three fp32 copies of the row.
+
+    With ``y = w * x * r`` and ``r = (sum(x^2) / G + eps)^-1/2`` over the global width G:
+    ``dx = r * (g*w - (x*r) * sum(g*w * x*r) / G)`` and ``dw = sum over rows of g * x*r``. Both sums
+    over the width are all-reduced across ``group`` when the row is split over TP ranks.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return all_reduce_sum(x.clone(), group)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, global_width: int, group: Group):
+        x32 = x.float()
+        sum_sq = all_reduce_sum(x32.square().sum(-1, keepdim=True), group)
+        rstd = torch.rsqrt(sum_sq / global_width + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.global_width, ctx.group = global_width, group
+        return (weight.float() * (x32 * rstd)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_reduce_sum(grad.clone(), ctx.group), None
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad32 = grad.float()
+        scaled = grad32 * weight.float()
+        dot = all_reduce_sum((scaled * normed).sum(-1, keepdim=True), ctx.group)
+        grad_x = rstd * (scaled - normed * (dot / ctx.global_width))
+        grad_weight = (grad32 * normed).reshape(-1, normed.shape[-1]).sum(0)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -37,10 +53,4 @@ class RMSNorm(nn.Module):
                                   spec or ShardSpec((width,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        if group_size(self.stat_group) == 1:
-            variance = x32.pow(2).mean(-1, keepdim=True)
-        else:
-            sum_sq = _SumAcrossRanks.apply(x32.pow(2).sum(-1, keepdim=True), self.stat_group)
-            variance = sum_sq / self.global_width
-        return (self.weight.float() * (x32 * torch.rsqrt(variance + self.eps))).to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.global_width, self.stat_group)
