@@ -22,7 +22,7 @@ from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.apply import prepare_model
 from megolmo.kernels.fused_adam import UPDATES
-from megolmo.kernels.select import Fp8Settings, KernelChoice, choose_kernels
+from megolmo.kernels.select import Fp8Settings, KernelChoice, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
@@ -114,6 +114,8 @@ class Trainer:
         self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
         self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8)
+        if cfg.precision == "fp8":
+            check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
         self.dtype = COMPUTE_DTYPES[cfg.precision]
         self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                       self.ps.dp_rank, self.ps.dp)
@@ -181,6 +183,9 @@ class Trainer:
         last = t.stop_at or t.max_steps
         self.run_dir.write_summary(self.summary())
         self.log(f"run directory: {self.run_dir.path.resolve()}")
+        k = self.kernels
+        self.log(f"kernels: backend {k.backend}, attention {k.attention}, norm {k.norm}, fp8 {k.fp8 or 'off'}, "
+                 f"AdamW {k.optimizer}")
         if self.resumed_from is not None:
             self.log(f"starting at step {start_step} from {self.resumed_from}")
         records: list[StepRecord] = []

@@ -11,7 +11,7 @@ import torch
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels import available
 from megolmo.kernels.apply import apply_kernels
-from megolmo.kernels.select import Fp8Settings, choose_kernels
+from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
@@ -61,6 +61,18 @@ def test_fp8_settings_are_checked_and_name_the_bf16_blocks():
         Fp8Settings.from_mapping({"recipe": "mx"})
     with pytest.raises(MegolmoConfigError, match="fp8.margin: unknown key"):
         Fp8Settings.from_mapping({"margin": 0})
+
+
+def test_fp8_gemm_shapes_are_checked_before_anything_is_built():
+    cfg = ModelConfig.named("olmo2_1b")
+    check_fp8_shapes(cfg, 8, 4 * 4096)
+    with pytest.raises(MegolmoConfigError, match=r"trainer.micro_batch_size x data.seq_len = 4100 is not a multiple"):
+        check_fp8_shapes(cfg, 1, 4100)
+    with pytest.raises(MegolmoConfigError, match=r"model.intermediate_size / parallel.tensor = 8200 is not"):
+        check_fp8_shapes(ModelConfig(intermediate_size=8200), 1, 4096)
+    tiny_heads = ModelConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2)  # kv width 64
+    with pytest.raises(MegolmoConfigError, match=r"head_dim / parallel.tensor = 8 is not"):
+        check_fp8_shapes(tiny_heads, 8, 4096)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -20,6 +20,7 @@ import torch
 
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels import available
+from megolmo.model.config import ModelConfig
 
 BACKENDS = ("auto", "te", "torch")
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -106,3 +107,20 @@ def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8S
         return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, optimizer, accelerators)
     return KernelChoice("torch", "flash-sdpa" if device.type == "cuda" else "sdpa",
                         "torch" if apex_missing else "apex", fp8_kind, optimizer, accelerators)
+
+
+FP8_ALIGNMENT = 16  # FP8 GEMMs (cuBLASLt, TE, torchao) need both matrix dimensions to be multiples of 16
+
+
+def check_fp8_shapes(cfg: ModelConfig, tp: int, tokens_per_micro_batch: int) -> None:
+    """Every FP8 GEMM's dimensions, checked before anything is built (TE would assert mid-step)."""
+    q_width, kv_width = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    sizes = {"trainer.micro_batch_size x data.seq_len": tokens_per_micro_batch,
+             "model.hidden_size": cfg.hidden_size,
+             "model.num_attention_heads x head_dim / parallel.tensor": q_width // tp,
+             "model.num_key_value_heads x head_dim / parallel.tensor": kv_width // tp,
+             "model.intermediate_size / parallel.tensor": cfg.intermediate_size // tp}
+    for what, size in sizes.items():
+        if size % FP8_ALIGNMENT:
+            raise MegolmoConfigError(f"precision=fp8: {what} = {size} is not a multiple of {FP8_ALIGNMENT}, "
+                                     "which FP8 matrix multiplies need")
