@@ -10,6 +10,7 @@ Cases (ranks 0..3; TP=2 runs on the pairs {0,1} and {2,3}, TP=4 on all four):
 * ``float8``: TP=2, SP off and on, the same weights in BF16 with torchao float8 GEMMs: loss and the
   gathered gradients on one batch.
 * ``block``: the collectives of one block's forward and backward, TP=2 and 4, SP off and on.
+* ``train_bf16``: the real Trainer for 10 steps with TP=2, SP on, in bf16.
 * ``train``: the real Trainer for 10 steps with TP=1 (DP=4), TP=2 (DP=2) and TP=4, SP off and on: losses,
   grad norms, the gathered initial weights and the tensor-parallel collectives of the first step.
 
@@ -206,6 +207,16 @@ def case_block(groups, rank: int) -> dict:
     return result
 
 
+def case_train_bf16(out: Path, tokens: str) -> dict:
+    """TP=2 with SP (DP=2) in bf16: the layout GPU runs use, against the bf16 single-process run."""
+    from megolmo.trainer import Trainer
+    from tests.helpers import compose_config
+
+    trainer = Trainer(compose_config(train_overrides(tokens, str(out / "run_bf16"), 2, True) + ["precision=bf16"]))
+    records = [trainer.train_step(step) for step in range(STEPS)]
+    return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
+
+
 def case_train(rank: int, out: Path, tokens: str) -> dict:
     from megolmo.trainer import Trainer
     from tests.helpers import compose_config
@@ -245,7 +256,7 @@ def main(argv: list[str]) -> None:
     groups = tp_groups(world, rank)
     results = {"hf": case_hf(groups, rank, out), "float8": case_float8(groups, rank, out),
                "block": case_block(groups, rank),
-               "train": case_train(rank, out, tokens)}
+               "train": case_train(rank, out, tokens), "train_bf16": case_train_bf16(out, tokens)}
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
