@@ -26,6 +26,8 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
                                    reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
 needs_te = pytest.mark.skipif(available.transformer_engine_unavailable() is not None,
                               reason=f"needs Transformer Engine: {available.transformer_engine_unavailable()}")
+needs_flash_attn = pytest.mark.skipif(available.flash_attn_unavailable() is not None,
+                                      reason=f"needs flash-attn: {available.flash_attn_unavailable()}")
 needs_apex = pytest.mark.skipif(available.nvidia_apex_unavailable() is not None,
                                 reason=f"needs NVIDIA apex: {available.nvidia_apex_unavailable()}")
 
@@ -111,7 +113,8 @@ def test_gpu_bf16_loss_matches_cpu_fp32(tmp_path):
     """On the GPU (NCCL-free single rank, bf16, flash SDPA) the tiny model's losses track CPU fp32."""
     tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
     gpu = Trainer(compose_config(tiny_overrides(tmp_path / "gpu", tokens, "precision=bf16", "optim.lr=1e-3")))
-    assert gpu.ps.device.type == "cuda" and gpu.kernels.attention in ("flash-sdpa", "te-dot-product-attention")
+    assert gpu.ps.device.type == "cuda" and gpu.kernels.attention in ("flash-sdpa", "flash-attn",
+                                                                      "te-dot-product-attention")
     gpu_records = gpu.fit()
     cpu = run_entry_point(tiny_overrides(tmp_path / "cpu", tokens, "optim.lr=1e-3"), env={"CUDA_VISIBLE_DEVICES": ""})
     assert cpu.returncode == 0, cpu.stderr[-2000:]
@@ -164,6 +167,22 @@ def test_gpu_transformer_engine_matches_torch_and_their_checkpoints_interchange(
     assert [r.step for r in resumed] == list(range(6, 11))
     for a, b in zip(te_records[5:], resumed):
         assert a.loss == pytest.approx(b.loss, rel=0.02)
+
+
+@needs_flash_attn
+def test_gpu_flash_attn_core_matches_sdpa():
+    cfg = ModelConfig.named("tiny")  # grouped-query: 8 heads over 4 kv heads
+    device = torch.device("cuda")
+    model = Olmo2ForCausalLM(cfg, device=device)
+    initialize_parameters(model, 3, 0.02)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), device=device)
+    before = model.full_logits(ids).float()
+    choice = choose_kernels("torch", "bf16", device)
+    assert choice.attention == "flash-attn"
+    assert len(apply_kernels(model, choice, Fp8Settings())) >= cfg.num_hidden_layers
+    assert (model.full_logits(ids).float() - before).abs().max() < 0.05 * before.abs().max()
 
 
 @needs_apex

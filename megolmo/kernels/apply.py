@@ -18,6 +18,9 @@ def apply_kernels(model: Olmo2ForCausalLM, choice: KernelChoice, fp8: Fp8Setting
         recipe = choice.fp8.removeprefix("te-") if choice.fp8 else None
         return apply_transformer_engine(model, recipe, amax_group, bf16_layers)
     swapped: list[str] = []
+    if choice.attention == "flash-attn":
+        from megolmo.kernels.flash import apply_flash_attn
+        swapped += apply_flash_attn(model)
     if choice.norm == "apex":
         from megolmo.kernels.apex import apply_fused_rms_norm
         swapped += apply_fused_rms_norm(model)

@@ -37,6 +37,12 @@ def nvidia_apex_unavailable() -> str | None:
 
 
 @cache
+def flash_attn_unavailable() -> str | None:
+    """The flash-attn package (its CUDA extension loads at import)."""
+    return cuda_unavailable() or _import_error("flash_attn")
+
+
+@cache
 def torchao_float8_unavailable() -> str | None:
     return cuda_unavailable() or _import_error("torchao.float8")
 

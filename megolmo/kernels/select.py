@@ -2,8 +2,9 @@
 and ``fp8.*``), checked at start-up so that an impossible request fails in one line before anything
 is built.
 
-* ``torch``: plain PyTorch; attention through ``scaled_dot_product_attention`` (flash attention on
-  GPUs); NVIDIA apex's fused RMSNorm replaces ours when apex is installed.
+* ``torch``: plain PyTorch; attention through the flash-attn package when it is installed (bf16 and
+  fp8 runs on a GPU), else ``scaled_dot_product_attention`` (flash attention on GPUs); NVIDIA apex's
+  fused RMSNorm replaces ours when apex is installed.
 * The AdamW update: apex's fused Adam kernel when apex is installed, torch's fused AdamW kernel on
   other GPUs, the reference element-wise maths on CPUs.
 * ``te``: Transformer Engine's ``Linear``, ``RMSNorm`` and ``DotProductAttention`` (CUDA only).
@@ -53,7 +54,7 @@ class Fp8Settings:
 @dataclass(frozen=True)
 class KernelChoice:
     backend: str    # what model.backend resolved to: "te" or "torch"
-    attention: str  # "te-dot-product-attention", "flash-sdpa" (torch on CUDA) or "sdpa"
+    attention: str  # "te-dot-product-attention", "flash-attn", "flash-sdpa" (torch on CUDA) or "sdpa"
     norm: str       # "te", "apex" or "torch"
     fp8: str | None  # None, "te-delayed", "te-current" or "torchao-tensorwise"
     optimizer: str  # "apex-fused-adam", "torch-fused-adamw" (CUDA without apex) or "reference" (element-wise)
@@ -96,7 +97,9 @@ def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8S
     resolved = "te" if backend == "te" or (backend == "auto" and not te_missing) else "torch"
     fp8_kind = _fp8_kind(resolved, fp8 or Fp8Settings(), device) if precision == "fp8" else None
     apex_missing = available.nvidia_apex_unavailable()
+    flash_missing = available.flash_attn_unavailable()
     accelerators = {
+        "flash_attn": flash_missing or "available",
         "transformer_engine": te_missing or "available",
         "nvidia_apex": apex_missing or "available",
         "torchao_float8": available.torchao_float8_unavailable() or "available",
@@ -105,8 +108,9 @@ def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8S
                  "torch-fused-adamw" if device.type == "cuda" else "reference")
     if resolved == "te":
         return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, optimizer, accelerators)
-    return KernelChoice("torch", "flash-sdpa" if device.type == "cuda" else "sdpa",
-                        "torch" if apex_missing else "apex", fp8_kind, optimizer, accelerators)
+    attention = ("flash-attn" if not flash_missing and precision != "fp32" else
+                 "flash-sdpa" if device.type == "cuda" else "sdpa")
+    return KernelChoice("torch", attention, "torch" if apex_missing else "apex", fp8_kind, optimizer, accelerators)
 
 
 FP8_ALIGNMENT = 16  # FP8 GEMMs (cuBLASLt, TE, torchao) need both matrix dimensions to be multiples of 16
