@@ -122,29 +122,35 @@ def tp_groups(world: int, rank: int) -> dict[int, TensorParallel]:
     return groups
 
 
+def loss_and_full_gradients(model: Olmo2ForCausalLM, tp: TensorParallel, z_weight: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean CE and z-loss on ``hf_batch()``, and every parameter's global gradient after backward."""
+    ids = hf_batch()
+    targets, mask = shift_targets(ids, torch.ones_like(ids, dtype=torch.bool))
+    ce_sum, z_sum = model.loss_sums(ids, targets, mask)
+    n = mask.sum()
+    ((ce_sum + z_weight * z_sum) / n).backward()
+    grads = gather_global(model, tp, grads=True)
+    # Norm weights saw only a sequence shard under SP: sum their gradients as the trainer does.
+    for name, p in model.named_parameters():
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(grads[name], group=tp.group)
+    return ce_sum / n, z_sum / n, grads
+
+
 def case_hf(groups, rank: int, out: Path) -> dict:
     result = {}
     weights = random_global_weights(CFG)
-    ids = hf_batch()
-    targets, mask = shift_targets(ids, torch.ones_like(ids, dtype=torch.bool))
     for sp in (False, True):
         tp = TensorParallel(groups[2], sp)
         model = Olmo2ForCausalLM(CFG, tp)
         load_global(model, weights)
-        ce_sum, z_sum = model.loss_sums(ids, targets, mask)
-        n = mask.sum()
-        ((ce_sum + Z_WEIGHT * z_sum) / n).backward()
-        grads = gather_global(model, tp, grads=True)
-        # Norm weights saw only a sequence shard under SP: sum their gradients as the trainer does.
-        for name, p in model.named_parameters():
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(grads[name], group=tp.group)
+        ce, z, grads = loss_and_full_gradients(model, tp, Z_WEIGHT)
         with torch.no_grad():
-            logits = model.full_logits(ids)
+            logits = model.full_logits(hf_batch())
         if rank == 0:
             torch.save({"grads": grads, "logits": logits}, out / f"hf_sp{int(sp)}.pt")
-        result[f"sp{int(sp)}"] = {"ce": (ce_sum / n).item(), "z": (z_sum / n).item(),
-                                  "padding_grad_max": padding_grad_max(model)}
+        result[f"sp{int(sp)}"] = {"ce": ce.item(), "z": z.item(), "padding_grad_max": padding_grad_max(model)}
     return result
 
 
@@ -164,20 +170,12 @@ def case_float8(groups, rank: int, out: Path) -> dict:
     """TP=2, SP off and on, float8 GEMMs on each rank's shards: loss and gathered gradients."""
     result = {}
     weights = random_global_weights(CFG)
-    ids = hf_batch()
-    targets, mask = shift_targets(ids, torch.ones_like(ids, dtype=torch.bool))
     for sp in (False, True):
         tp = TensorParallel(groups[2], sp)
-        model = bf16_float8_model(tp, weights)
-        ce_sum, _ = model.loss_sums(ids, targets, mask)
-        (ce_sum / mask.sum()).backward()
-        grads = gather_global(model, tp, grads=True)
-        for name, p in model.named_parameters():
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(grads[name], group=tp.group)
+        ce, _, grads = loss_and_full_gradients(bf16_float8_model(tp, weights), tp, 0.0)
         if rank == 0:
             torch.save(grads, out / f"float8_sp{int(sp)}.pt")
-        result[f"sp{int(sp)}"] = (ce_sum / mask.sum()).item()
+        result[f"sp{int(sp)}"] = ce.item()
     return result
 
 
