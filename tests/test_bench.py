@@ -141,15 +141,6 @@ def test_olmo_core_names_cover_the_model():
     assert "blocks.1.feed_forward.w1.weight" in mapped and "lm_head.norm.weight" in mapped
 
 
-def test_olmo_core_checkpointing_matches_megolmo():
-    pytest.importorskip("olmo_core")
-    result = bench.run_benchmark(small_settings(peers=("megolmo", "olmo_core"), checkpointing=(True,)))
-    assert result["skipped"] == []
-    mine, theirs = result["results"]
-    assert theirs["peer"] == "olmo_core" and theirs["activation_checkpointing"]
-    assert theirs["first_loss"] == pytest.approx(mine["first_loss"], abs=1e-4)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cli_refuses_cuda_without_a_gpu_in_one_line(capsys):
     assert bench.main(["--device", "cuda", "--peers", "megolmo"]) == 2
