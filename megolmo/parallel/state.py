@@ -82,7 +82,11 @@ def _new_groups(world_size: int, tp: int, dp: int, pp: int, rank: int):
 
 def initialize(tp: int = 1, pp: int = 1, timeout_s: float = 600.0,
                launch: LaunchInfo | None = None) -> ParallelState:
-    """Start the default process group (gloo on CPU, NCCL on CUDA) and build the TP/DP/PP groups."""
+    """Start the default process group (gloo on CPU, NCCL on CUDA) and build the TP/DP/PP groups.
+
+    The CUDA settings live here: one device per local rank. ``CUDA_DEVICE_MAX_CONNECTIONS`` is left as the
+    user set it: only Transformer Engine's communication/GEMM overlap needs it at 1, and megolmo keeps
+    its tensor-parallel collectives outside TE's modules."""
     launch = launch or discover()
     dp = check_layout(launch.world_size, tp, pp)
     device = torch.device("cpu")
