@@ -23,10 +23,19 @@ def group_rank(group: Group) -> int:
 def all_reduce_sum(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     """In-place sum across the group (no autograd)."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        _all_reduce_in_place(tensor, group)
     return tensor
 
 
+# The collectives themselves are kept out of torch.compile's graphs (``trainer.compile``): a compiled
+# block breaks its graph cleanly at each TP collective, and single-rank blocks, which never reach
+# them, compile whole.
+@torch.compiler.disable
+def _all_reduce_in_place(tensor: torch.Tensor, group: Group) -> None:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+@torch.compiler.disable
 def _all_gather_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
@@ -37,6 +46,7 @@ def _all_gather_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tenso
     return torch.cat(parts, dim=dim)
 
 
+@torch.compiler.disable
 def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
