@@ -226,3 +226,36 @@ def test_fused_adamw_update_equals_the_reference_maths():
         runs.append(buffers.params.clone())
     reference, fused = runs
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_module_swaps_carry_names_values_and_sharding_attributes():
+    """The mechanism the TE, apex and flash-attn back-ends use, exercised with torch's own RMSNorm:
+    every local norm replaced, the QK-norm's TP statistic irrelevant at TP=1, outputs unchanged."""
+    from megolmo.kernels.swap import carry_parameter, swap_modules
+    from megolmo.model.norm import RMSNorm
+
+    cfg = ModelConfig.named("tiny")
+    model = Olmo2ForCausalLM(cfg)
+    initialize_parameters(model, 3, 0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.sequence_parallel = True  # as under SP: the flag must survive the swap
+    before = {n: (p.detach().clone(), p.shard_spec) for n, p in model.named_parameters()}
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = model.full_logits(ids)
+
+    def torch_rms_norm(old: RMSNorm) -> torch.nn.Module:
+        new = torch.nn.RMSNorm(old.weight.shape[0], eps=old.eps)
+        carry_parameter(old.weight, new.weight)
+        return new
+
+    swapped = swap_modules(model, lambda _, m: isinstance(m, RMSNorm), torch_rms_norm)
+    assert len(swapped) == 4 * cfg.num_hidden_layers + 1
+    after = dict(model.named_parameters())
+    assert list(after) == list(before)
+    for name, (value, spec) in before.items():
+        assert torch.equal(after[name], value) and after[name].shard_spec == spec
+        assert getattr(after[name], "sequence_parallel", False) == name.endswith("layernorm.weight")
+    torch.testing.assert_close(model.full_logits(ids), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"replacement parameter has shape \(3,\), expected \(128,\)"):
+        carry_parameter(model.model.norm.weight, torch.nn.Parameter(torch.ones(3)))
