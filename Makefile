@@ -9,7 +9,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_RANKS ?= 8
 DEMO_PORT  ?= 29517
 
-.PHONY: venv demo test bench gpu-wheels clean
+.PHONY: venv demo test bench gpu-wheels slurm-packages clean
 
 venv: $(VENV)/.installed
 
@@ -27,8 +27,15 @@ demo: venv
 		-m megolmo.train data=demo optim=demo trainer=demo parallel=demo3d trainer.run_dir=$(DEMO_RUN)
 	@echo "demo run directory: $(abspath $(DEMO_RUN))"
 
-test: venv
+test: venv slurm-packages
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# tests/test_slurm.py runs slurm/train.sbatch under a real one-node cluster: Debian's Slurm and munge,
+# installed here when missing and this is root on Debian (seconds); otherwise those tests say why they skip.
+slurm-packages:
+	@test -x /usr/sbin/slurmctld || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client \
+		munge >/dev/null; } || echo "could not install Slurm: tests/test_slurm.py will be skipped"
 
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'

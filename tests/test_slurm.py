@@ -1,0 +1,64 @@
+"""slurm/train.sbatch under a real one-node Slurm cluster: sbatch -> srun -> the entry point on every
+task, with ranks, world size and the rendezvous host taken from Slurm's own variables."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megolmo.trainer import Trainer
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, compose_config, free_port
+from tests.slurm_cluster import SlurmCluster, unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+# The script asks for a GPU node's resources; a CPU test node overrides them on the command line.
+CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield slurm
+    slurm.stop()
+
+
+def overrides(tokens: str, *extra: str) -> list[str]:
+    return [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=64", "model.vocab_size=300",
+            "model.num_hidden_layers=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+            "trainer.max_steps=4", "optim.warmup_steps=1", "parallel.timeout_s=60", *extra]
+
+
+def sbatch(cluster: SlurmCluster, workdir: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Submit the real script and wait for the job; returns sbatch's result and the job's output."""
+    out = workdir / "job.out"
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "RUN_DIR": str(workdir / "run"), "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["sbatch", "--wait", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return proc, out.read_text() if out.exists() else ""
+
+
+def test_sbatch_trains_on_two_tasks_like_one_process(cluster, tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    proc, log = sbatch(cluster, tmp_path, overrides(tokens))
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layout"]["world_size"] == 2 and summary["layout"]["data"] == 2
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    single = Trainer(compose_config(overrides(tokens, f"trainer.run_dir={tmp_path / 'single'}"))).fit()
+    assert losses == pytest.approx([r.loss for r in single], rel=1e-5)
+
+
+def test_a_bad_config_fails_the_job_with_one_line(cluster, tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    proc, log = sbatch(cluster, tmp_path, overrides(tokens, "parallel.tensor=3"))
+    assert proc.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("megolmo: error:")]
+    assert errors == ["megolmo: error: world size 2 is not divisible by parallel.tensor=3 x parallel.pipeline=1"], log
+    assert not (tmp_path / "run").exists()
