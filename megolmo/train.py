@@ -19,7 +19,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def run(cfg: DictConfig) -> None:
     """Train; on failure make every rank exit instead of leaving peers blocked in a collective.
 
-    A config error is detected identically on every rank: rank 0 prints it in one line. Any other
+    A config error is detected identically on every rank, or agreed on by all ranks at start-up
+    (``parallel/agree.py``): rank 0 prints it in one line. Any other
     error is printed in full by the rank where it happened, which then exits at once: its closed
     connections fail the peers' pending collectives, and the peers exit with a one-line notice.
     """

@@ -33,6 +33,7 @@ from megolmo.optim.grad_sync import GradientSynchronizer
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.parallel.layers import TensorParallel
 from megolmo.parallel.mappings import all_reduce_sum
+from megolmo.parallel.agree import agree_on_errors
 from megolmo.parallel.bootstrap import discover
 from megolmo.parallel.state import ParallelState, check_layout, initialize
 from megolmo.pipeline.engine import PipelineEngine, ScheduleRecord
@@ -113,13 +114,18 @@ class Trainer:
         check_model_layout(self.model_cfg, cfg.parallel.tensor, cfg.data.seq_len, cfg.parallel.sequence_parallel)
         self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
-        self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8)
-        if cfg.precision == "fp8":
-            check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
-        self.dtype = COMPUTE_DTYPES[cfg.precision]
-        self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
-                                                      self.ps.dp_rank, self.ps.dp)
-        check_micro_batches(self.loader.num_micro_batches, p.pipeline, p.virtual_pipeline)
+        self.dtype = COMPUTE_DTYPES.get(cfg.precision)
+        error = None
+        try:  # checks that may differ between ranks: agreed on before anyone goes further
+            self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8)
+            if cfg.precision == "fp8":
+                check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
+            self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
+                                                          self.ps.dp_rank, self.ps.dp)
+            check_micro_batches(self.loader.num_micro_batches, p.pipeline, p.virtual_pipeline)
+        except MegolmoConfigError as raised:
+            error = raised
+        agree_on_errors(error)
         self.tp = TensorParallel(self.ps.tp_group, bool(p.sequence_parallel))
         torch.manual_seed(t.seed)
         self.chunks = build_chunks(self.model_cfg, self.ps, self.tp, self.dtype, t.seed, self.layer_ranges,

@@ -115,3 +115,21 @@ def test_real_mpiexec_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["layout"]["world_size"] == 2 and summary["layout"]["data"] == 2
+
+
+def test_an_error_only_one_rank_sees_stops_every_rank_with_one_line(tmp_path):
+    """A token file on one node's local disk only: rank 1 cannot open its file. Every rank stops at
+    start-up (not at the collective timeout), and rank 0 names the file and the rank that missed it."""
+    from tests.conftest import write_tokens
+    from tests.test_trainer import tiny_overrides
+
+    write_tokens(tmp_path / "tokens_0.npy", 20_000, 300)
+    local_path = str(tmp_path / "tokens_${oc.env:LOCAL_RANK}.npy")
+    overrides = [o for o in tiny_overrides(tmp_path, local_path) if not o.startswith("data.paths")]
+    run = run_entry_point([f"data.paths=[{local_path}]", *overrides, "parallel.timeout_s=120"], nproc=2,
+                          timeout=100)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("megolmo: error:")]
+    assert len(errors) == 1 and str(tmp_path / "tokens_1.npy") in errors[0] and "(on rank 1)" in errors[0], \
+        run.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
