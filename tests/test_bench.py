@@ -144,4 +144,5 @@ def test_olmo_core_names_cover_the_model():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cli_refuses_cuda_without_a_gpu_in_one_line(capsys):
     assert bench.main(["--device", "cuda", "--peers", "megolmo"]) == 2
-    assert capsys.readouterr().err.strip() == f"bench_train: --device cuda: no CUDA device is visible to this torch ({torch.__version__})"
+    expected = f"bench_train: --device cuda: no CUDA device is visible to this torch ({torch.__version__})"
+    assert capsys.readouterr().err.strip() == expected

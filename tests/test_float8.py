@@ -118,7 +118,8 @@ def test_float8_trains_fifty_steps_like_bf16_through_the_trainers_buffers_and_op
     bf16_losses, _ = train(bf16_model(), 50)
     assert all(math.isfinite(x) for x in fp8_losses)
     assert fp8_losses[-1] < 0.7 * fp8_losses[0], fp8_losses[::10]
-    assert fp8_losses[-1] == pytest.approx(bf16_losses[-1], rel=0.05)  # measured: 3.0% apart, (fp8_losses[::10], bf16_losses[::10])
+    # Measured: 3.0 % apart after 50 steps (3.434 vs 3.334).
+    assert fp8_losses[-1] == pytest.approx(bf16_losses[-1], rel=0.05), (fp8_losses[::10], bf16_losses[::10])
 
 
 def test_float8_checkpoint_loads_into_the_bf16_path_and_back(tmp_path):

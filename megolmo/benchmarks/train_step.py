@@ -757,8 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(model=resolve_model(args.model), seq_len=args.seq_len, batch=args.batch,
                              steps=args.steps, warmup=args.warmup, precisions=_split(args.precisions),
                              checkpointing=tuple(CHECKPOINTING[x] for x in _split(args.activation_checkpointing)),
-                             fp8_recipe=args.fp8_recipe, compile=args.compile, peers=_split(args.peers), threads=args.threads,
-                             device=args.device, seed=args.seed, mm_size=args.mm_size)
+                             fp8_recipe=args.fp8_recipe, compile=args.compile, peers=_split(args.peers),
+                             threads=args.threads, device=args.device, seed=args.seed, mm_size=args.mm_size)
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:

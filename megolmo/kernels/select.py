@@ -75,7 +75,8 @@ def _fp8_kind(backend: str, fp8: Fp8Settings, device: torch.device) -> str:
         return f"te-{fp8.recipe}"
     torchao_missing = available.torchao_float8_unavailable()
     if torchao_missing:
-        te_state = available.transformer_engine_unavailable() or "Transformer Engine is not chosen (model.backend=torch)"
+        te_state = (available.transformer_engine_unavailable()
+                    or "Transformer Engine is not chosen (model.backend=torch)")
         raise MegolmoConfigError(f"precision=fp8 needs Transformer Engine or torchao: {te_state}; {torchao_missing}")
     if fp8.recipe != "current":
         raise MegolmoConfigError(f"fp8.recipe={fp8.recipe} needs Transformer Engine; without it FP8 runs through "

@@ -152,7 +152,8 @@ class DistributedAdamW:
         decayed = self.decay_ranges[i]
         for ranges, weight_decay in ((decayed, self.settings.weight_decay), (complement(decayed, grad.numel()), 0.0)):
             if ranges:
-                views = [[t[s:e] for s, e in ranges] for t in (self.master[i], grad, self.exp_avg[i], self.exp_avg_sq[i])]
+                shards = (self.master[i], grad, self.exp_avg[i], self.exp_avg_sq[i])
+                views = [[t[s:e] for s, e in ranges] for t in shards]
                 self.fused_update(*views, lr=lr, betas=self.settings.betas, eps=self.settings.eps,
                                   step=self.step_count, weight_decay=weight_decay)
 
