@@ -247,6 +247,26 @@ def test_vocab_parallel_loss_math_single_process():
     assert math.isfinite(ce.sum().item())
 
 
+def test_single_rank_loss_sums_equal_the_vocab_parallel_loss():
+    """The plain-ops loss that ``trainer.compile`` compiles at TP=1: same masked sums and gradients,
+    padding columns excluded (their gradient is exactly zero)."""
+    from megolmo.parallel.cross_entropy import single_rank_loss_sums, vocab_parallel_cross_entropy
+    g = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(40, 16, generator=g)
+    targets = torch.randint(0, 13, (40,), generator=g)
+    mask = torch.rand(40, generator=g) < 0.6
+    plain = logits.clone().requires_grad_()
+    ce_sum, z_sum = single_rank_loss_sums(plain, targets, mask, 13)
+    (ce_sum + 0.1 * z_sum).backward()
+    ref = logits.clone().requires_grad_()
+    ce, lse = vocab_parallel_cross_entropy(ref, targets, 0, 13)
+    ref_ce, ref_z = (ce * mask).sum(), (lse.square() * mask).sum()
+    (ref_ce + 0.1 * ref_z).backward()
+    torch.testing.assert_close((ce_sum, z_sum), (ref_ce, ref_z))
+    torch.testing.assert_close(plain.grad, ref.grad)
+    assert plain.grad[:, 13:].abs().max() == 0
+
+
 def test_analytic_scheme_bytes_and_table():
     """The benchmark's formula: SP moves the same wire bytes as the all-reduces it replaces, and the
     table prints measured/analytic ratios."""

@@ -102,13 +102,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tokens):
 
 
 def test_compiled_blocks_train_like_eager_ones(tmp_path, tokens):
-    """``trainer.compile=true`` (each block through torch.compile) changes speed, not the losses."""
+    """``trainer.compile=true`` (each block, and at TP=1 the loss, through torch.compile) changes speed,
+    not the losses."""
     common = ("trainer.max_steps=3", "optim.warmup_steps=0", "model.num_hidden_layers=2")
     eager = Trainer(compose_config(tiny_overrides(tmp_path / "eager", tokens, *common))).fit()
     compiled_trainer = Trainer(compose_config(tiny_overrides(tmp_path / "compiled", tokens, "trainer.compile=true",
                                                              *common)))
     assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
                for block in compiled_trainer.chunks[0].model.layers.values())
+    assert compiled_trainer.chunks[0].compiled_loss_sums is not None  # TP=1: the loss is compiled too
     compiled = compiled_trainer.fit()
     for a, b in zip(eager, compiled):
         assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)

@@ -6,6 +6,7 @@ import torch
 
 from megolmo.kernels.select import Fp8Settings, KernelChoice
 from megolmo.model.olmo2 import Olmo2ForCausalLM
+from megolmo.parallel.cross_entropy import single_rank_loss_sums
 from megolmo.parallel.mappings import Group
 
 
@@ -35,11 +36,13 @@ def prepare_model(model: Olmo2ForCausalLM, dtype: torch.dtype, choice: KernelCho
     """A freshly initialised chunk made ready to train: parameters in the compute dtype (RoPE's tables
     stay fp32), the chosen kernels swapped in, and each block compiled by ``torch.compile`` when asked
     (``trainer.compile``: it fuses the memory-bound norm, RoPE and SwiGLU work; blocks share their
-    structure, so one compilation serves them all)."""
+    structure, so one compilation serves them all), and at TP=1 the loss too (no fp32 logits copies)."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
     apply_kernels(model, choice, fp8, amax_group)
     if compile_blocks:
         for block in model.model.layers.values():
             block.compile()
+        if model.has_head and model.tp.size == 1:
+            model.compiled_loss_sums = torch.compile(single_rank_loss_sums)
     return model

@@ -77,6 +77,8 @@ class Olmo2ForCausalLM(nn.Module):
         self.tp = tp or TensorParallel()
         layer_ids = range(cfg.num_hidden_layers) if layer_ids is None else layer_ids
         self.model = Olmo2Body(cfg, self.tp, layer_ids, with_embedding, with_head, device)
+        # A compiled ``single_rank_loss_sums`` when kernels ask for it (``trainer.compile`` at TP=1).
+        self.compiled_loss_sums = None
         if with_head:
             self.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, self.tp, cfg.vocab_pad_multiple,
                                              device=device)
@@ -99,6 +101,8 @@ class Olmo2ForCausalLM(nn.Module):
         makes the loss identical for every micro-batch split and data-parallel layout.
         """
         logits = self(x)
+        if self.compiled_loss_sums is not None:
+            return self.compiled_loss_sums(logits, targets, loss_mask, self.lm_head.valid_rows)
         ce, lse = vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(),
                                                self.lm_head.vocab_start, self.lm_head.valid_rows, self.tp.group,
                                                consume_logits=True)

@@ -48,6 +48,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
+def single_rank_loss_sums(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, valid_cols: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked sums of the cross-entropy and of logsumexp^2 when one rank holds the whole vocabulary,
+    written as plain tensor operations so that ``torch.compile`` fuses them into a few passes over
+    the logits, in their own dtype, instead of materialising fp32 copies (``trainer.compile``)."""
+    x = logits[..., :valid_cols].float()
+    lse = torch.logsumexp(x, dim=-1)
+    ce = lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = loss_mask.to(ce.dtype)
+    return (ce * mask).sum(), (lse.square() * mask).sum()
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int = 0,
                                  valid_cols: int | None = None, group: Group = None,
                                  consume_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
