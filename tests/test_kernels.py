@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels import available
 from megolmo.kernels.apply import apply_kernels
-from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
+from megolmo.kernels.available import Availability
+from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels, decide_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
@@ -34,12 +36,56 @@ needs_apex = pytest.mark.skipif(available.nvidia_apex_unavailable() is not None,
 
 def test_cpu_resolves_to_plain_torch_and_reports_why_accelerators_are_off():
     choice = choose_kernels("auto", "bf16", CPU)
-    assert (choice.backend, choice.attention) == ("torch", "sdpa")
-    assert choice.accelerators["transformer_engine"] == "this process runs on cpu"
+    assert (choice.backend, choice.attention, choice.norm, choice.optimizer) == ("torch", "sdpa", "torch", "reference")
+    assert set(choice.accelerators.values()) == {"this process runs on cpu"}
+    assert set(choice.accelerators) == {"transformer_engine", "nvidia_apex", "flash_attn", "torchao_float8",
+                                        "fp8_tensor_cores"}
     if not torch.cuda.is_available():
         assert available.nvidia_apex_unavailable() == "no CUDA device is visible"
-        assert choice.accelerators["nvidia_apex"] == "no CUDA device is visible"
     assert choose_kernels("torch", "fp32", CPU) == choose_kernels("auto", "fp32", CPU)
+
+
+# The GPU decision table, from given availabilities (what ``Availability.probe`` reads on a GPU).
+ALL = Availability(None, None, None, None, None)
+BARE_H100 = Availability("transformer_engine.pytorch cannot be imported", "apex.normalization cannot be imported",
+                         "flash_attn cannot be imported", None, None)
+A100 = replace(BARE_H100, fp8_tensor_cores="NVIDIA A100 (compute capability 8.0) has no FP8 tensor cores")
+
+
+@pytest.mark.parametrize("backend, precision, recipe, can, expected", [
+    ("auto", "bf16", "delayed", ALL, ("te", "te-dot-product-attention", "te", None, "apex-fused-adam")),
+    ("auto", "fp8", "delayed", ALL, ("te", "te-dot-product-attention", "te", "te-delayed", "apex-fused-adam")),
+    ("te", "fp8", "current", ALL, ("te", "te-dot-product-attention", "te", "te-current", "apex-fused-adam")),
+    ("torch", "bf16", "delayed", ALL, ("torch", "flash-attn", "apex", None, "apex-fused-adam")),
+    ("torch", "fp32", "delayed", ALL, ("torch", "flash-sdpa", "apex", None, "apex-fused-adam")),
+    ("torch", "fp8", "current", ALL, ("torch", "flash-attn", "apex", "torchao-tensorwise", "apex-fused-adam")),
+    ("auto", "bf16", "delayed", BARE_H100, ("torch", "flash-sdpa", "torch", None, "torch-fused-adamw")),
+    ("auto", "fp8", "current", BARE_H100, ("torch", "flash-sdpa", "torch", "torchao-tensorwise",
+                                            "torch-fused-adamw")),
+])
+def test_gpu_decision_table(backend, precision, recipe, can, expected):
+    choice = decide_kernels(backend, precision, "cuda", Fp8Settings(recipe), can)
+    assert (choice.backend, choice.attention, choice.norm, choice.fp8, choice.optimizer) == expected
+
+
+@pytest.mark.parametrize("backend, precision, recipe, can, message", [
+    ("te", "bf16", "delayed", BARE_H100, "model.backend=te: Transformer Engine cannot be used: "
+                                         "transformer_engine.pytorch cannot be imported; use model.backend=torch"),
+    ("auto", "fp8", "delayed", BARE_H100, "fp8.recipe=delayed needs Transformer Engine; without it FP8 runs "
+                                          "through torchao float8, which scales dynamically: set fp8.recipe=current"),
+    ("auto", "fp8", "current", A100, "precision=fp8: NVIDIA A100 (compute capability 8.0) has no FP8 tensor cores: "
+                                     "use precision=bf16"),
+    ("auto", "fp8", "current", replace(BARE_H100, torchao_float8="torchao.float8 cannot be imported"),
+     "precision=fp8 needs Transformer Engine or torchao: transformer_engine.pytorch cannot be imported; "
+     "torchao.float8 cannot be imported"),
+    ("torch", "fp8", "current", replace(ALL, torchao_float8="torchao.float8 cannot be imported"),
+     "precision=fp8 needs Transformer Engine or torchao: Transformer Engine is not chosen (model.backend=torch); "
+     "torchao.float8 cannot be imported"),
+])
+def test_gpu_refusals_name_the_reason(backend, precision, recipe, can, message):
+    with pytest.raises(MegolmoConfigError) as raised:
+        decide_kernels(backend, precision, "cuda", Fp8Settings(recipe), can)
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("backend, precision, message", [

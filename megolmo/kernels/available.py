@@ -7,6 +7,7 @@ web toolkit, so "importable" is not enough: NVIDIA apex is recognised by its fus
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -53,3 +54,22 @@ def fp8_tensor_cores_unavailable(device: torch.device) -> str | None:
     if (major, minor) < (8, 9):
         return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 tensor cores"
     return None
+
+
+@dataclass(frozen=True)
+class Availability:
+    """For each optional accelerator on one device: None when usable, else why not."""
+
+    transformer_engine: str | None
+    nvidia_apex: str | None
+    flash_attn: str | None
+    torchao_float8: str | None
+    fp8_tensor_cores: str | None
+
+    @classmethod
+    def probe(cls, device: torch.device) -> "Availability":
+        if device.type != "cuda":
+            off = f"this process runs on {device.type}"
+            return cls(off, off, off, off, off)
+        return cls(transformer_engine_unavailable(), nvidia_apex_unavailable(), flash_attn_unavailable(),
+                   torchao_float8_unavailable(), fp8_tensor_cores_unavailable(device))

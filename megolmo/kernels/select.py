@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from megolmo.errors import MegolmoConfigError
-from megolmo.kernels import available
+from megolmo.kernels.available import Availability
 from megolmo.model.config import ModelConfig
 
 BACKENDS = ("auto", "te", "torch")
@@ -64,54 +64,51 @@ class KernelChoice:
         return asdict(self)
 
 
-def _fp8_kind(backend: str, fp8: Fp8Settings, device: torch.device) -> str:
-    if device.type != "cuda":
+def _fp8_kind(backend: str, fp8: Fp8Settings, device_type: str, can: Availability) -> str:
+    if device_type != "cuda":
         raise MegolmoConfigError(f"precision=fp8 needs a CUDA GPU with FP8 tensor cores; this process runs on "
-                                 f"{device.type}: use precision=bf16")
-    unsupported = available.fp8_tensor_cores_unavailable(device)
-    if unsupported:
-        raise MegolmoConfigError(f"precision=fp8: {unsupported}: use precision=bf16")
+                                 f"{device_type}: use precision=bf16")
+    if can.fp8_tensor_cores:
+        raise MegolmoConfigError(f"precision=fp8: {can.fp8_tensor_cores}: use precision=bf16")
     if backend == "te":
         return f"te-{fp8.recipe}"
-    torchao_missing = available.torchao_float8_unavailable()
-    if torchao_missing:
-        te_state = (available.transformer_engine_unavailable()
-                    or "Transformer Engine is not chosen (model.backend=torch)")
-        raise MegolmoConfigError(f"precision=fp8 needs Transformer Engine or torchao: {te_state}; {torchao_missing}")
+    if can.torchao_float8:
+        te_state = can.transformer_engine or "Transformer Engine is not chosen (model.backend=torch)"
+        raise MegolmoConfigError(f"precision=fp8 needs Transformer Engine or torchao: {te_state}; "
+                                 f"{can.torchao_float8}")
     if fp8.recipe != "current":
         raise MegolmoConfigError(f"fp8.recipe={fp8.recipe} needs Transformer Engine; without it FP8 runs through "
                                  "torchao float8, which scales dynamically: set fp8.recipe=current")
     return "torchao-tensorwise"
 
 
-def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8Settings | None = None
+def decide_kernels(backend: str, precision: str, device_type: str, fp8: Fp8Settings, can: Availability
                    ) -> KernelChoice:
+    """The decision itself, from what is available on the device (``Availability.probe``)."""
     if backend not in BACKENDS:
         raise MegolmoConfigError(f"model.backend={backend}: choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise MegolmoConfigError(f"precision={precision}: choose one of {', '.join(PRECISIONS)}")
-    te_missing = available.transformer_engine_unavailable() if device.type == "cuda" else \
-        f"this process runs on {device.type}"
-    if backend == "te" and te_missing:
-        raise MegolmoConfigError(f"model.backend=te: Transformer Engine cannot be used: {te_missing}; "
+    if backend == "te" and can.transformer_engine:
+        raise MegolmoConfigError(f"model.backend=te: Transformer Engine cannot be used: {can.transformer_engine}; "
                                  "use model.backend=torch")
-    resolved = "te" if backend == "te" or (backend == "auto" and not te_missing) else "torch"
-    fp8_kind = _fp8_kind(resolved, fp8 or Fp8Settings(), device) if precision == "fp8" else None
-    apex_missing = available.nvidia_apex_unavailable()
-    flash_missing = available.flash_attn_unavailable()
-    accelerators = {
-        "flash_attn": flash_missing or "available",
-        "transformer_engine": te_missing or "available",
-        "nvidia_apex": apex_missing or "available",
-        "torchao_float8": available.torchao_float8_unavailable() or "available",
-    }
-    optimizer = ("apex-fused-adam" if not apex_missing else
-                 "torch-fused-adamw" if device.type == "cuda" else "reference")
+    resolved = "te" if backend == "te" or (backend == "auto" and not can.transformer_engine) else "torch"
+    fp8_kind = _fp8_kind(resolved, fp8, device_type, can) if precision == "fp8" else None
+    accelerators = {name: reason or "available" for name, reason in asdict(can).items()}
+    optimizer = ("apex-fused-adam" if not can.nvidia_apex else
+                 "torch-fused-adamw" if device_type == "cuda" else "reference")
     if resolved == "te":
         return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, optimizer, accelerators)
-    attention = ("flash-attn" if not flash_missing and precision != "fp32" else
-                 "flash-sdpa" if device.type == "cuda" else "sdpa")
-    return KernelChoice("torch", attention, "torch" if apex_missing else "apex", fp8_kind, optimizer, accelerators)
+    attention = ("flash-attn" if not can.flash_attn and precision != "fp32" else
+                 "flash-sdpa" if device_type == "cuda" else "sdpa")
+    return KernelChoice("torch", attention, "apex" if not can.nvidia_apex else "torch", fp8_kind, optimizer,
+                        accelerators)
+
+
+def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8Settings | None = None
+                   ) -> KernelChoice:
+    """What this process runs, given what its device has."""
+    return decide_kernels(backend, precision, device.type, fp8 or Fp8Settings(), Availability.probe(device))
 
 
 FP8_ALIGNMENT = 16  # FP8 GEMMs (cuBLASLt, TE, torchao) need both matrix dimensions to be multiples of 16
