@@ -17,7 +17,8 @@ def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as error:  # noqa: BLE001 - TE raises RuntimeError/OSError without CUDA, not only ImportError
-        return f"{module} cannot be imported ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        return f"{module} cannot be imported ({type(error).__name__}: {first_line})"
     return None
 
 
