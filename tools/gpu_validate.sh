@@ -11,6 +11,8 @@
 #   peers   transformers at bf16 on the same shape, eager and compiled, for the ratio in the same run
 set -uo pipefail
 stage="${1:?usage: gpu_validate.sh tests|bench|compile|peers [OUTDIR]}"
+case "$stage" in tests|bench|compile|peers) ;; *)
+  echo "gpu_validate.sh: unknown stage '$stage' (tests, bench, compile, peers)" >&2; exit 2 ;; esac
 out="${2:-${OUT:-gpu_out}}"
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -42,5 +44,4 @@ print('fp8 tensor cores:', a.fp8_tensor_cores_unavailable(torch.device('cuda')) 
   peers)
     "${bench[@]}" --precisions bf16 --peers transformers 2>&1 | tee "$out/peers_eager.txt"
     "${bench[@]}" --compile --precisions bf16 --peers transformers 2>&1 | tee "$out/peers_compiled.txt" ;;
-  *) echo "gpu_validate.sh: unknown stage '$stage' (tests, bench, compile, peers)" >&2; exit 2 ;;
 esac
