@@ -4,25 +4,23 @@ apex is installed, else torch's own fused AdamW kernel (CUDA and CPU). Both use 
 decoupled weight decay ``p *= 1 - lr * wd`` and bias-corrected moments."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-
-class AdamUpdate(Protocol):
-    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                 exp_avg_sqs: list[torch.Tensor], lr: float, betas: tuple[float, float], eps: float, step: int,
-                 weight_decay: float) -> None: ...
+Tensors = list[torch.Tensor]
 
 
-def torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, lr, betas, eps, step, weight_decay) -> None:
+def torch_fused_adamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, lr: float,
+                      betas: tuple[float, float], eps: float, step: int, weight_decay: float) -> None:
     steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=betas[0], beta2=betas[1],
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
                         found_inf=None)
 
 
-def apex_fused_adam(params, grads, exp_avgs, exp_avg_sqs, lr, betas, eps, step, weight_decay) -> None:
+def apex_fused_adam(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, lr: float,
+                    betas: tuple[float, float], eps: float, step: int, weight_decay: float) -> None:
     import amp_C
     from apex.multi_tensor_apply import multi_tensor_applier
 
