@@ -247,6 +247,53 @@ def test_vocab_parallel_loss_math_single_process():
     assert math.isfinite(ce.sum().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_parallel_loss_in_chunks_equals_one_chunk_and_saves_no_fp32_logits(dtype):
+    """Rows are processed a chunk at a time (fp32 work bounded by ``chunk_elements``): the result does not
+    depend on the chunking, and backward keeps the logits in their own dtype, not an fp32 softmax."""
+    from megolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
+    g = torch.Generator().manual_seed(2)
+    logits = (3 * torch.randn(37, 20, generator=g)).to(dtype)
+    targets = torch.randint(0, 17, (37,), generator=g)
+    results, saved = [], []
+    for chunk_elements in (10_000, 45):  # one chunk; chunks of 2 rows (the last one short)
+        x = logits.clone().requires_grad_()
+        sizes = []
+
+        def pack(t):
+            sizes.append((t.dtype, t.numel()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ce, lse = vocab_parallel_cross_entropy(x, targets, 0, 17, chunk_elements=chunk_elements)
+        (ce.sum() + 0.1 * lse.square().sum()).backward()
+        assert torch.equal(x.detach(), logits)  # the input is never written
+        results.append((ce, lse, x.grad))
+        saved.append(sizes)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert results[0][2][:, 17:].abs().max() == 0
+    logits_sized = [t for t, n in saved[1] if n == logits.numel()]
+    assert logits_sized == [dtype]  # only the logits themselves, in their dtype
+
+
+def test_consumed_fp32_logits_become_the_softmax_and_give_the_same_loss():
+    """fp32 logits that nothing else reads are overwritten instead of copied: same results as the
+    recomputing path, padding gradient zero."""
+    from megolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
+    g = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(37, 20, generator=g)
+    targets = torch.randint(0, 17, (37,), generator=g)
+    results = []
+    for consume in (False, True):
+        x = logits.clone().requires_grad_()
+        y = x * 1.0  # the head's output: a fresh tensor the loss may consume
+        ce, lse = vocab_parallel_cross_entropy(y, targets, 0, 17, consume_logits=consume)
+        (ce.sum() + 0.1 * lse.square().sum()).backward()
+        results.append((ce, lse, x.grad))
+    torch.testing.assert_close(results[0], results[1])
+    assert results[1][2][:, 17:].abs().max() == 0
+
+
 def test_single_rank_loss_sums_equal_the_vocab_parallel_loss():
     """The plain-ops loss that ``trainer.compile`` compiles at TP=1: same masked sums and gradients,
     padding columns excluded (their gradient is exactly zero)."""
