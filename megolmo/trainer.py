@@ -163,12 +163,12 @@ class Trainer:
         """Resume from this run's latest checkpoint if there is one, else start from ``load_path`` if given."""
         latest = self.checkpoints.latest()
         if latest is not None:
-            loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False)
+            loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False, chunks=self.chunks)
             self.run_dir.truncate_metrics(loaded.step)
             return loaded.step, latest
         if self.load_path is not None:
             loaded = CheckpointManager.load(self.load_path, self.optimizer,
-                                            weights_only=bool(self.cfg.reset_trainer_state))
+                                            weights_only=bool(self.cfg.reset_trainer_state), chunks=self.chunks)
             return loaded.step, self.load_path
         return 0, None
 
@@ -179,7 +179,8 @@ class Trainer:
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
                  "data_seed": self.cfg.data.seed, "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp,
                                                              "data": self.ps.dp}}
-        path = self.checkpoints.save(self.optimizer, name, state, self.model_cfg.to_dict())
+        path = self.checkpoints.save(self.optimizer, name, state, self.model_cfg.to_dict(), self.chunks,
+                                     writes_module_state=self.ps.tp_rank == 0 and self.ps.dp_rank == 0)
         self.log(f"saved checkpoint {path}")
 
     # -- the loop -------------------------------------------------------------------------------

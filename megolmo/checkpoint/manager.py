@@ -16,12 +16,14 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
+from megolmo.checkpoint.module_state import load_module_states, save_module_states
 from megolmo.checkpoint.state import EXP_AVG, MODEL, checkpoint_tensors, expected_shapes, reset_moments
 from megolmo.errors import MegolmoConfigError
 from megolmo.optim.adamw import DistributedAdamW
@@ -118,7 +120,10 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, optimizer: DistributedAdamW, name: str, trainer_state: dict[str, Any],
-             model_config: dict[str, Any]) -> Path:
+             model_config: dict[str, Any], chunks: Sequence[nn.Module] = (), writes_module_state: bool = True
+             ) -> Path:
+        """``chunks``: this rank's model chunks, whose module states ``writes_module_state`` ranks save
+        (one rank per pipeline stage suffices, see ``module_state.py``)."""
         final = self.root / name
         tmp = self.root / f"{TMP_PREFIX}{name}"
         if _is_writer():
@@ -131,6 +136,8 @@ class CheckpointManager:
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    tmp / "rng" / f"rank{rank}.pt")
+        if writes_module_state:
+            save_module_states(tmp, chunks, rank)
         _barrier()
         if _is_writer():
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
@@ -167,9 +174,11 @@ class CheckpointManager:
         return link.resolve() if link.exists() else None
 
     @staticmethod
-    def load(directory: Path, optimizer: DistributedAdamW, weights_only: bool) -> LoadedState:
+    def load(directory: Path, optimizer: DistributedAdamW, weights_only: bool, chunks: Sequence[nn.Module] = ()
+             ) -> LoadedState:
         """Load into the current layout; ``weights_only`` (or a checkpoint without optimizer state) starts
-        the optimizer afresh at step 0."""
+        the optimizer afresh at step 0. The module states of ``chunks`` are loaded either way: like the
+        weights, they describe the model (FP8 scales fitted to its activations and gradients)."""
         state = verify_checkpoint(directory)
         saved = check_architecture(directory, expected_shapes(optimizer))
         has_optimizer = any(key.startswith(EXP_AVG) for key in saved)
@@ -178,6 +187,7 @@ class CheckpointManager:
             dcp.load(checkpoint_tensors(optimizer, with_optimizer=not weights_only), checkpoint_id=str(directory),
                      no_dist=not dist.is_initialized())
         optimizer.write_back_parameters()
+        load_module_states(directory, chunks)
         if weights_only:
             reset_moments(optimizer)
             return LoadedState(0, 0, True)

@@ -13,7 +13,8 @@ Tensors = list[torch.Tensor]
 
 def torch_fused_adamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, lr: float,
                       betas: tuple[float, float], eps: float, step: int, weight_decay: float) -> None:
-    steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
+    # torch.full fills on the device; torch.tensor(step, device=...) would copy from the host and wait
+    steps = [torch.full((), float(step), device=params[0].device)] * len(params)
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=betas[0], beta2=betas[1],
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
                         found_inf=None)

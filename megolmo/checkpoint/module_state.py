@@ -1,0 +1,46 @@
+"""State that modules keep beside their parameters, through ``nn.Module.get_extra_state``: Transformer
+Engine keeps its FP8 scaling factors and amax histories there. Without it in the checkpoint a resumed
+FP8 run (delayed scaling) would restart every scale at 1 and every history at zero, so its first steps
+would differ from the run it continues, and gradients would underflow E5M2 until the history refills.
+
+One rank of each pipeline stage writes ``module_state/rank{R}.pt``: its modules' states keyed by name
+inside the model chunk (block ids are global, so the names do not depend on the pipeline split). One
+rank suffices because TE agrees its amaxes over the stage's TP x DP ranks, so they all hold the same
+state. Loading takes each module's state by name from whichever file has it, so any layout reads any
+other. Modules with no saved state (a checkpoint from the torch back-end) keep their fresh state; saved
+states with no module (a TE checkpoint loaded on the torch back-end) are left unread.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+MODULE_STATE = "module_state"
+
+
+def modules_with_state(chunks: Sequence[nn.Module]) -> dict[str, nn.Module]:
+    """Every module whose class keeps state outside its parameters, by its name inside its chunk."""
+    return {name: module for chunk in chunks for name, module in chunk.named_modules()
+            if type(module).get_extra_state is not nn.Module.get_extra_state}
+
+
+def save_module_states(directory: Path, chunks: Sequence[nn.Module], rank: int) -> None:
+    states = {name: module.get_extra_state() for name, module in modules_with_state(chunks).items()}
+    if states:
+        (directory / MODULE_STATE).mkdir(exist_ok=True)
+        torch.save(states, directory / MODULE_STATE / f"rank{rank}.pt")
+
+
+def load_module_states(directory: Path, chunks: Sequence[nn.Module]) -> list[str]:
+    """Give every stateful module its saved state; returns the names restored."""
+    wanted = modules_with_state(chunks)
+    found: dict[str, Any] = {}
+    for path in sorted((directory / MODULE_STATE).glob("rank*.pt")) if wanted else []:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        found.update({name: state for name, state in saved.items() if name in wanted and name not in found})
+    for name, state in found.items():
+        wanted[name].set_extra_state(state)
+    return sorted(found)
