@@ -4,6 +4,8 @@ the last ``HISTORY`` input amaxes, and that history lives in ``get_extra_state``
 run resumed without it computes differently from the run it continues."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ class DelayedScalingLinear(nn.Linear):
         super().__init__(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
         carry_parameter(old.weight, self.weight)
         self.amax_history = torch.zeros(HISTORY)
+        self.pickle_opt_in_at_load: str | None = None  # what TE 2.x's unpickling guard would have seen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = float(self.amax_history.max()) or 1.0  # TE starts every scale at 1
@@ -32,6 +35,7 @@ class DelayedScalingLinear(nn.Linear):
 
     def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.amax_history = state["amax_history"].clone()
+        self.pickle_opt_in_at_load = os.environ.get("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE")
 
 
 def use_delayed_scaling(model: nn.Module) -> list[str]:

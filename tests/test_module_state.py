@@ -91,6 +91,9 @@ def test_resume_with_module_state_is_bit_identical_and_without_it_is_not(tmp_pat
     parts = trainer_parts(resumed)
     CheckpointManager.load(manager.latest(), parts[1], weights_only=False, chunks=[resumed])
     assert all(h.count_nonzero() == 3 for h in histories(resumed).values())  # three steps' amaxes each
+    # TE refuses to unpickle delayed-scaling state without this opt-in; it is set only while loading.
+    assert {m.pickle_opt_in_at_load for m in resumed.modules() if isinstance(m, DelayedScalingLinear)} == {"1"}
+    assert "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE" not in os.environ
     assert train(resumed, parts, range(3, 6)) == straight
 
     forgetful = full_model(seed=99)

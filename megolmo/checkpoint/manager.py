@@ -194,5 +194,5 @@ class CheckpointManager:
         optimizer.step_count = state["optimizer_steps"]
         rng = directory / "rng" / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
         if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=False)["cpu"])
+            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
         return LoadedState(state["step"], state["tokens"], False)

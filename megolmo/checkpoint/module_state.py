@@ -9,16 +9,23 @@ rank suffices because TE agrees its amaxes over the stage's TP x DP ranks, so th
 state. Loading takes each module's state by name from whichever file has it, so any layout reads any
 other. Modules with no saved state (a checkpoint from the torch back-end) keep their fresh state; saved
 states with no module (a TE checkpoint loaded on the torch back-end) are left unread.
+
+TE keeps delayed-scaling state as a pickle, and TE from mid-2026 refuses to unpickle it unless
+``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``. These are checkpoints this trainer wrote and the user named,
+so loading sets it for the duration, unless the user set it themselves (``=0`` keeps TE's refusal).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 MODULE_STATE = "module_state"
+TE_PICKLE_OPT_IN = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 
 def modules_with_state(chunks: Sequence[nn.Module]) -> dict[str, nn.Module]:
@@ -41,6 +48,19 @@ def load_module_states(directory: Path, chunks: Sequence[nn.Module]) -> list[str
     for path in sorted((directory / MODULE_STATE).glob("rank*.pt")) if wanted else []:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         found.update({name: state for name, state in saved.items() if name in wanted and name not in found})
-    for name, state in found.items():
-        wanted[name].set_extra_state(state)
+    with _trusting_our_own_checkpoint():
+        for name, state in found.items():
+            wanted[name].set_extra_state(state)
     return sorted(found)
+
+
+@contextlib.contextmanager
+def _trusting_our_own_checkpoint() -> Iterator[None]:
+    if TE_PICKLE_OPT_IN in os.environ:
+        yield
+        return
+    os.environ[TE_PICKLE_OPT_IN] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[TE_PICKLE_OPT_IN]
