@@ -117,7 +117,8 @@ class Trainer:
         self.dtype = COMPUTE_DTYPES.get(cfg.precision)
         error = None
         try:  # checks that may differ between ranks: agreed on before anyone goes further
-            self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8)
+            self.kernels = choose_kernels(self.model_cfg.backend, cfg.precision, self.ps.device, self.fp8,
+                                          bool(t.compile))
             if cfg.precision == "fp8":
                 check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,

@@ -68,6 +68,11 @@ def test_gpu_decision_table(backend, precision, recipe, can, expected):
     assert (choice.backend, choice.attention, choice.norm, choice.fp8, choice.optimizer) == expected
 
 
+def test_compiled_blocks_keep_our_norm_for_the_compiler_to_fuse():
+    choice = decide_kernels("torch", "bf16", "cuda", Fp8Settings(), ALL, compiled=True)
+    assert (choice.attention, choice.norm, choice.optimizer) == ("flash-attn", "torch", "apex-fused-adam")
+
+
 @pytest.mark.parametrize("backend, precision, recipe, can, message", [
     ("te", "bf16", "delayed", BARE_H100, "model.backend=te: Transformer Engine cannot be used: "
                                          "transformer_engine.pytorch cannot be imported; use model.backend=torch"),

@@ -271,7 +271,7 @@ def build_megolmo(cfg: ModelConfig, v: Variant, device: torch.device, seed: int,
     from megolmo.step import forward_backward
 
     fp8 = Fp8Settings(recipe=v.fp8_recipe)
-    choice = choose_kernels("auto", v.precision, device, fp8)  # before building: fp8 on a CPU fails here
+    choice = choose_kernels("auto", v.precision, device, fp8, v.compile)  # before building: fp8 on a CPU fails here
     model = _megolmo_reference(replace(cfg, activation_checkpointing=v.checkpointing), seed).to(device)
     prepare_model(model, v.dtype, choice, fp8, compile_blocks=v.compile)  # as the trainer's build_chunks does
     num_params = global_param_count(model)

@@ -4,7 +4,8 @@ is built.
 
 * ``torch``: plain PyTorch; attention through the flash-attn package when it is installed (bf16 and
   fp8 runs on a GPU), else ``scaled_dot_product_attention`` (flash attention on GPUs); NVIDIA apex's
-  fused RMSNorm replaces ours when apex is installed.
+  fused RMSNorm replaces ours when apex is installed and the blocks are not compiled (``torch.compile``
+  fuses our norm itself, and cannot trace into apex's extension).
 * The AdamW update: apex's fused Adam kernel when apex is installed, torch's fused AdamW kernel on
   other GPUs, the reference element-wise maths on CPUs.
 * ``te``: Transformer Engine's ``Linear``, ``RMSNorm`` and ``DotProductAttention`` (CUDA only).
@@ -82,8 +83,8 @@ def _fp8_kind(backend: str, fp8: Fp8Settings, device_type: str, can: Availabilit
     return "torchao-tensorwise"
 
 
-def decide_kernels(backend: str, precision: str, device_type: str, fp8: Fp8Settings, can: Availability
-                   ) -> KernelChoice:
+def decide_kernels(backend: str, precision: str, device_type: str, fp8: Fp8Settings, can: Availability,
+                   compiled: bool = False) -> KernelChoice:
     """The decision itself, from what is available on the device (``Availability.probe``)."""
     if backend not in BACKENDS:
         raise MegolmoConfigError(f"model.backend={backend}: choose one of {', '.join(BACKENDS)}")
@@ -101,14 +102,15 @@ def decide_kernels(backend: str, precision: str, device_type: str, fp8: Fp8Setti
         return KernelChoice("te", "te-dot-product-attention", "te", fp8_kind, optimizer, accelerators)
     attention = ("flash-attn" if not can.flash_attn and precision != "fp32" else
                  "flash-sdpa" if device_type == "cuda" else "sdpa")
-    return KernelChoice("torch", attention, "apex" if not can.nvidia_apex else "torch", fp8_kind, optimizer,
-                        accelerators)
+    norm = "apex" if not can.nvidia_apex and not compiled else "torch"
+    return KernelChoice("torch", attention, norm, fp8_kind, optimizer, accelerators)
 
 
-def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8Settings | None = None
-                   ) -> KernelChoice:
-    """What this process runs, given what its device has."""
-    return decide_kernels(backend, precision, device.type, fp8 or Fp8Settings(), Availability.probe(device))
+def choose_kernels(backend: str, precision: str, device: torch.device, fp8: Fp8Settings | None = None,
+                   compiled: bool = False) -> KernelChoice:
+    """What this process runs, given what its device has (``compiled``: ``trainer.compile``)."""
+    return decide_kernels(backend, precision, device.type, fp8 or Fp8Settings(), Availability.probe(device),
+                          compiled)
 
 
 FP8_ALIGNMENT = 16  # FP8 GEMMs (cuBLASLt, TE, torchao) need both matrix dimensions to be multiples of 16
