@@ -133,3 +133,36 @@ def test_two_pipeline_stages_save_and_one_process_loads_every_state_by_name(tmp_
     assert loaded.keys() == saved.keys()
     for name, history in saved.items():
         assert history.count_nonzero() == 3 and torch.equal(loaded[name], history), name
+
+
+def test_trainer_saves_and_restores_module_state_for_an_exact_resume(tmp_path, monkeypatch):
+    """The trainer's own save and resume, its chunks holding delayed-scaling linears (as TE's back-end
+    would give them): a run stopped at step 3 and resumed equals the straight run bit for bit."""
+    import megolmo.trainer
+    from megolmo.trainer import Trainer
+    from tests.conftest import write_tokens
+    from tests.helpers import compose_config
+
+    prepare = megolmo.trainer.prepare_model
+
+    def prepare_with_delayed_scaling(chunk, *args):
+        chunk = prepare(chunk, *args)
+        use_delayed_scaling(chunk)
+        return chunk
+
+    monkeypatch.setattr(megolmo.trainer, "prepare_model", prepare_with_delayed_scaling)
+    tokens = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
+
+    def run(name: str, *extra: str) -> list[float]:
+        cfg = compose_config([f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
+                              "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.max_steps=6",
+                              "optim.lr=2e-3", "optim.warmup_steps=2", f"trainer.run_dir={tmp_path / name}",
+                              "trainer.log_interval=100", *extra])
+        trainer = Trainer(cfg)
+        assert any(isinstance(m, DelayedScalingLinear) for m in trainer.model.modules())
+        return [record.loss for record in trainer.fit()]
+
+    straight = run("straight")
+    first = run("split", "trainer.stop_at=3")
+    assert (tmp_path / "split" / "checkpoints" / "latest" / "module_state" / "rank0.pt").exists()
+    assert first + run("split") == straight
