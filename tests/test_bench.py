@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from megolmo.benchmarks import train_step as bench
+from megolmo.benchmarks.train_step import cli
 from megolmo.flops import training_flops_per_token
 from megolmo.model.config import ModelConfig
 
@@ -80,7 +82,7 @@ def test_fp8_on_cpu_is_skipped_with_one_line_reasons(tmp_path, monkeypatch):
     assert all("\n" not in r for r in reasons.values())
     assert "precision=fp8 needs a CUDA GPU" in bench.format_table(result)
     # Nothing at all to time: no crash, exit code 1.
-    monkeypatch.setattr(bench, "resolve_model", lambda name: SMALL)
+    monkeypatch.setattr(cli, "resolve_model", lambda name: SMALL)
     assert bench.main(["--seq-len", "8", "--batch", "1", "--steps", "1", "--warmup", "0", "--precisions", "fp8",
                        "--peers", "megolmo,transformers", "--threads", "1", "--mm-size", "64"]) == 1
 
@@ -125,7 +127,7 @@ def test_failing_peer_is_skipped(monkeypatch):
 
 
 def test_cli_writes_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "resolve_model", lambda name: SMALL)
+    monkeypatch.setattr(cli, "resolve_model", lambda name: SMALL)
     out = tmp_path / "bench.json"
     assert bench.main(["--seq-len", "8", "--batch", "1", "--steps", "1", "--warmup", "0", "--precisions", "bf16",
                        "--peers", "megolmo", "--threads", "1", "--mm-size", "64", "--json", str(out)]) == 0
@@ -135,7 +137,7 @@ def test_cli_writes_json(tmp_path, monkeypatch):
 
 def test_olmo_core_names_cover_the_model():
     """Every megolmo/transformers parameter name maps onto a distinct OLMo-core name."""
-    names = [n for n, _ in bench._megolmo_reference(SMALL, 0).named_parameters()]
+    names = [n for n, _ in bench.reference_model(SMALL, 0).named_parameters()]
     mapped = {bench.olmo_core_name(n) for n in names}
     assert len(mapped) == len(names)
     assert "blocks.1.feed_forward.w1.weight" in mapped and "lm_head.norm.weight" in mapped
@@ -146,3 +148,27 @@ def test_cli_refuses_cuda_without_a_gpu_in_one_line(capsys):
     assert bench.main(["--device", "cuda", "--peers", "megolmo"]) == 2
     expected = f"bench_train: --device cuda: no CUDA device is visible to this torch ({torch.__version__})"
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_time_on_device_on_cpu_times_the_call_and_passes_its_result_through():
+    seconds, out = bench.time_on_device(lambda: sum(range(100_000)), torch.device("cpu"))
+    assert out == sum(range(100_000)) and 0 < seconds < 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-event timing needs a GPU")
+def test_time_on_device_on_cuda_times_the_gpu_work_not_the_launch():
+    """``torch.cuda._sleep`` queues a kernel that spins for a number of GPU cycles and returns at once:
+    a host clock around the launch sees almost nothing, the CUDA events see the spin."""
+    device = torch.device("cuda")
+    cycles = 200_000_000
+    torch.cuda._sleep(1)  # the first launch loads the kernel
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    launch_s = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    work_s = time.perf_counter() - start
+    seconds, out = bench.time_on_device(lambda: torch.cuda._sleep(cycles), device)
+    assert out is None
+    assert launch_s < 0.1 * work_s  # the premise: a host clock without a sync times the launch
+    assert seconds == pytest.approx(work_s, rel=0.3)

@@ -13,7 +13,7 @@ together on the GPU):
     python tools/bench_train.py --device cuda --model olmo2_1b --seq-len 4096 --batch 4 \\
         --precisions bf16,fp8 --activation-checkpointing off,on --peers megolmo --json bench_gpu.json
 
-The logic lives in megolmo/benchmarks/train_step.py.
+The logic lives in the package megolmo/benchmarks/train_step/ (its cli module is this command line).
 """
 
 import os
