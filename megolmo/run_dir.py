@@ -11,17 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+from megolmo.parallel.collectives import broadcast_object, world_group
 
 
 def choose_run_dir(requested: str | None, model_name: str) -> Path:
     if requested:
         return Path(requested)
-    name = [f"runs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if dist.is_initialized():
-        dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+    return Path(broadcast_object(f"runs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}", 0, world_group()))
 
 
 class RunDirectory:

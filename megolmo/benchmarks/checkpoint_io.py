@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megolmo.benchmarks.launch import ROOT, free_port, write_benchmark_tokens
+from megolmo.parallel.collectives import barrier, world_group
 
 MODEL = ["model.num_hidden_layers=8", "model.hidden_size=1024", "model.intermediate_size=4096",
          "model.num_attention_heads=16", "model.num_key_value_heads=16", "model.vocab_size=32000"]
@@ -40,15 +41,15 @@ def worker(tokens: str, run_dir: Path, out: Path) -> None:
     from megolmo.trainer import Trainer
 
     trainer = Trainer(_config(tokens, run_dir))
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    barrier()
+    group = world_group()
+    barrier(group)
     started = time.perf_counter()
     trainer.save(1)
     saved = time.perf_counter() - started
-    barrier()
+    barrier(group)
     started = time.perf_counter()
     CheckpointManager.load(trainer.checkpoints.latest(), trainer.optimizer, weights_only=False)
-    barrier()
+    barrier(group)
     loaded = time.perf_counter() - started
     if trainer.ps.is_main:
         total = sum(p.stat().st_size for p in trainer.checkpoints.latest().glob("*.distcp"))

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megolmo.model.config import ModelConfig
+from megolmo.parallel.collectives import all_reduce_values, barrier, world_group
 
 # (kind, elements, bytes per element): the identity of a collective for counting.
 Key = tuple[str, int, int]
@@ -287,8 +288,7 @@ def _rank_main(rank: int, world: int, port: int, settings: TPBenchSettings, sp: 
     times, losses = [], []
     counted: list[Collective] = []
     for step in range(settings.warmup + settings.steps):
-        if world > 1:
-            dist.barrier()
+        barrier(world_group())
         counter = CollectiveCounter()
         started = time.perf_counter()
         if step == 0:  # count on the first (warm-up) step, time the others without the wrapper
@@ -297,12 +297,10 @@ def _rank_main(rank: int, world: int, port: int, settings: TPBenchSettings, sp: 
             counted = counter.select(tp_ranks)
         else:
             record = trainer.train_step(step)
-        elapsed = torch.tensor([time.perf_counter() - started])
-        if world > 1:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = all_reduce_values([time.perf_counter() - started], "max", world_group())[0]
         losses.append(record.loss)
         if step >= settings.warmup:
-            times.append(float(elapsed))
+            times.append(elapsed)
     if rank == 0:
         result = {"tp": world, "sequence_parallel": sp, "step_s": statistics.median(times), "times_s": times,
                   "losses": losses, "measured": [[*k, c] for k, c in tally(counted).items()],

@@ -27,6 +27,7 @@ from megolmo.checkpoint.module_state import load_module_states, save_module_stat
 from megolmo.checkpoint.state import EXP_AVG, MODEL, checkpoint_tensors, expected_shapes, reset_moments
 from megolmo.errors import MegolmoConfigError
 from megolmo.optim.adamw import DistributedAdamW
+from megolmo.parallel.collectives import barrier, world_group
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -43,8 +44,7 @@ def checkpoint_name(step: int, tokens: int, stage: int, ingredient: int | None) 
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(world_group())
 
 
 def _is_writer() -> bool:

@@ -17,6 +17,7 @@ from megolmo.model.block import Block
 from megolmo.model.config import ModelConfig
 from megolmo.model.norm import RMSNorm
 from megolmo.model.rope import RotaryEmbedding
+from megolmo.parallel.collectives import all_gather
 from megolmo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megolmo.parallel.layers import TensorParallel, VocabParallelEmbedding, VocabParallelHead
 
@@ -114,7 +115,7 @@ class Olmo2ForCausalLM(nn.Module):
         logits = self(input_ids)
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-            torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp.group)
+            all_gather(parts, logits.contiguous(), self.tp.group)
             logits = torch.cat(parts, dim=-1)
         return logits[..., : self.cfg.vocab_size]
 
@@ -127,4 +128,3 @@ def shift_targets(input_ids: torch.Tensor, label_mask: torch.Tensor) -> tuple[to
     loss_mask = torch.zeros_like(label_mask, dtype=torch.bool)
     loss_mask[:, :-1] = label_mask[:, 1:]
     return targets, loss_mask
-

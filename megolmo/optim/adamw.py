@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from megolmo.optim.buffers import FlatBuffers
 from megolmo.optim.clip import clip_factor
+from megolmo.parallel.collectives import all_gather
 from megolmo.parallel.mappings import Group, all_reduce_sum, group_rank, group_size
 
 
@@ -166,7 +166,7 @@ class DistributedAdamW:
         if self.sharded:
             for bucket, (start, end) in zip(self.buffers.buckets, self.shards):
                 pieces = list(params[bucket.start: bucket.end].chunk(self.dp))
-                dist.all_gather(pieces, params[start:end].clone(), group=self.dp_group)
+                all_gather(pieces, params[start:end].clone(), self.dp_group)
 
     def state_bytes(self) -> int:
         """Bytes this rank holds for the optimizer: moments, plus master weights when they are a copy."""

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megolmo.optim.buffers import Bucket, FlatBuffers
+from megolmo.parallel.collectives import all_reduce, reduce_scatter
 from megolmo.parallel.mappings import Group, group_rank, group_size
 
 
@@ -64,10 +65,10 @@ class GradientSynchronizer:
         data = self.buffers.grads[bucket.start: bucket.end]
         if self.reduce_scatter:
             out = torch.empty(bucket.size // self.dp, dtype=data.dtype, device=data.device)
-            work = dist.reduce_scatter(out, list(data.chunk(self.dp)), group=self.group, async_op=True)
+            work = reduce_scatter(out, data.chunk(self.dp), self.group, async_op=True)
             self._pending.append((bucket, work, out))
         else:
-            self._pending.append((bucket, dist.all_reduce(data, group=self.group, async_op=True), None))
+            self._pending.append((bucket, all_reduce(data, self.group, async_op=True), None))
 
     def finish(self) -> None:
         """Launch what is left (all buckets when overlap is off) and wait for every reduction."""

@@ -1,5 +1,5 @@
-"""Counts the data-parallel gradient reductions of one training step, through a wrapper around the real
-collectives used by ``megolmo.optim.grad_sync``, and records the bucket events.
+"""Counts the data-parallel gradient reductions of one training step, through a wrapper around the
+collectives ``megolmo.optim.grad_sync`` calls, and records the bucket events.
 
 ``torchrun ... tests/workers/grad_reduction.py OUT.json <hydra overrides>``; rank 0 writes OUT.json.
 """
@@ -8,9 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import sys
-import types
-
-import torch.distributed as dist
 
 from megolmo.optim import grad_sync
 from megolmo.parallel.state import shutdown
@@ -29,8 +26,8 @@ def _counting(name: str, real):
     return wrapper
 
 
-grad_sync.dist = types.SimpleNamespace(all_reduce=_counting("all_reduce", dist.all_reduce),
-                                       reduce_scatter=_counting("reduce_scatter", dist.reduce_scatter))
+grad_sync.all_reduce = _counting("all_reduce", grad_sync.all_reduce)
+grad_sync.reduce_scatter = _counting("reduce_scatter", grad_sync.reduce_scatter)
 
 if __name__ == "__main__":
     out_path, overrides = sys.argv[1], sys.argv[2:]
