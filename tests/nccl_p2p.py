@@ -85,6 +85,10 @@ class Recorder:
                 setattr(dist, name, wrapper)
         return self
 
+    def restart(self, path: Path) -> None:
+        """Record a new program into ``path`` (several programs from one launch)."""
+        self.path, self.events, self._waited = path, [], set()
+
     def dump(self) -> None:
         """Write the program so far, one event a line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +217,11 @@ class ReplayResult:
         return not self.completed
 
 
-def replay(programs: Programs) -> ReplayResult:
+def replay(programs: Programs, strict: bool = False) -> ReplayResult:
     """Run the programs under NCCL's p2p rules until nothing moves.
+
+    ``strict`` holds every batch, not only sends, behind the batches its rank waited on before issuing
+    it: ProcessGroupNCCL makes its stream wait for the caller's stream, which waited on them.
 
     Each rank's batches queue, in issue order, on one FIFO stream per peer they touch; a batch starts when
     it heads every stream it touches and, if it sends, when the batches its rank waited on before issuing it
@@ -232,7 +239,7 @@ def replay(programs: Programs) -> ReplayResult:
                 waited.add(event["wait"])
                 continue
             ops = [Op(*op) for op in event["ops"]]
-            batch = _Batch(rank, event["issue"], ops, set(waited) if any(op.kind == "send" for op in ops) else set())
+            batch = _Batch(rank, event["issue"], ops, set(waited) if strict or any(op.kind == "send" for op in ops) else set())
             batches[batch.key] = batch
             for peer in dict.fromkeys(op.peer for op in ops):
                 streams.setdefault((rank, peer), []).append(batch.key)

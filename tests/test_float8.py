@@ -17,10 +17,9 @@ from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
-from megolmo.optim.buffers import FlatBuffers
-from megolmo.optim.grad_sync import GradientSynchronizer
 from megolmo.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megolmo.step import forward_backward
+from megolmo.parallel.state import ParallelState
+from megolmo.step import StepSettings, TrainStep, build_train_step
 
 # Small: torch's CPU float8 GEMM is a reference kernel (about 30 MFLOP/s), correct but slow.
 CFG = ModelConfig(name="f8", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -90,25 +89,19 @@ def test_float8_tracks_bf16_and_really_runs_in_fp8():
         assert float((bf16_grads[name] - exact_grad).norm() / exact_grad.norm()) < 0.06, name
 
 
-def trainer_parts(model: Olmo2ForCausalLM, lr: float):
-    buffers = FlatBuffers(list(model.named_parameters()), 1, 1_000_000)
-    sync = GradientSynchronizer(buffers, None, 1, reduce_scatter=False, overlap=True)
-    optimizer = DistributedAdamW(buffers, AdamWSettings(lr, (0.9, 0.95), 1e-8, 0.1, 1.0), None, False, 0, [])
-    return sync, optimizer
+def train_step(model: Olmo2ForCausalLM, lr: float) -> TrainStep:
+    settings = StepSettings(AdamWSettings(lr, (0.9, 0.95), 1e-8, 0.1, 1.0), z_loss=1e-4, bucket_size=1_000_000)
+    return build_train_step(ParallelState(), settings, chunks=[model])
 
 
 def train(model: Olmo2ForCausalLM, steps: int, lr: float = 2e-3) -> tuple[list[float], DistributedAdamW]:
-    sync, optimizer = trainer_parts(model, lr)
+    step = train_step(model, lr)
     losses = []
-    for step in range(steps):
-        data = batch(step % 4)
+    for index in range(steps):
+        data = batch(index % 4)
         tokens = int(data["label_mask"][:, 1:].sum())
-        sync.start_step()
-        ce, _ = forward_backward(model, [data], tokens, 1e-4, torch.device("cpu"))
-        sync.finish()
-        optimizer.step(lr)
-        losses.append(float(ce) / tokens)
-    return losses, optimizer
+        losses.append(step.run([data], tokens, lr).ce_sum / tokens)
+    return losses, step.optimizer
 
 
 def test_float8_trains_fifty_steps_like_bf16_through_the_trainers_buffers_and_optimizer():
@@ -129,7 +122,7 @@ def test_float8_checkpoint_loads_into_the_bf16_path_and_back(tmp_path):
     path = CheckpointManager(tmp_path, keep_last=2).save(optimizer, "step3", {"step": 3, "tokens": 0,
                                                                              "optimizer_steps": 3}, CFG.to_dict())
     plain = bf16_model(seed=99)  # different weights until loaded
-    _, plain_optimizer = trainer_parts(plain, 2e-3)
+    plain_optimizer = train_step(plain, 2e-3).optimizer
     CheckpointManager.load(path, plain_optimizer, weights_only=False)
     for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
         assert torch.equal(p, q), name

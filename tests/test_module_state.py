@@ -14,11 +14,9 @@ from megolmo.checkpoint.module_state import load_module_states
 from megolmo.model.config import ModelConfig
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
-from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
-from megolmo.optim.buffers import FlatBuffers
-from megolmo.optim.grad_sync import GradientSynchronizer
-from megolmo.parallel.mappings import Group
-from megolmo.step import forward_backward
+from megolmo.optim.adamw import AdamWSettings
+from megolmo.parallel.state import ParallelState
+from megolmo.step import StepSettings, TrainStep, build_train_step
 from tests.delayed_scaling import DelayedScalingLinear, use_delayed_scaling
 from tests.helpers import ROOT, free_port
 
@@ -45,27 +43,23 @@ def full_model(seed: int = 5, delayed_scaling: bool = True) -> Olmo2ForCausalLM:
     return model
 
 
-def trainer_parts(model: Olmo2ForCausalLM, group: Group = None) -> tuple[GradientSynchronizer, DistributedAdamW]:
-    buffers = FlatBuffers(list(model.named_parameters()), 1, 1_000_000)
-    sync = GradientSynchronizer(buffers, None, 1, reduce_scatter=False, overlap=True)
-    optimizer = DistributedAdamW(buffers, AdamWSettings(LR, (0.9, 0.95), 1e-8, 0.1, 1.0), None, False, 0,
-                                 [group] if group is not None else [])
-    return sync, optimizer
+def train_step(model: Olmo2ForCausalLM, ps: ParallelState | None = None) -> TrainStep:
+    """The trainer's step around ``model`` (one process unless ``ps`` says otherwise; 1F1B needs a
+    micro-batch per pipeline stage)."""
+    ps = ps or ParallelState()
+    settings = StepSettings(AdamWSettings(LR, (0.9, 0.95), 1e-8, 0.1, 1.0), num_micro_batches=ps.pp,
+                            micro_batch_size=BATCH, seq_len=SEQ, z_loss=1e-4, bucket_size=1_000_000)
+    return build_train_step(ps, settings, chunks=[model])
 
 
-def train(model: Olmo2ForCausalLM, parts, steps: range) -> list[float]:
-    sync, optimizer = parts
+def train(step: TrainStep, steps: range) -> list[float]:
     losses = []
-    for step in steps:
-        g = torch.Generator().manual_seed(step)
+    for index in steps:
+        g = torch.Generator().manual_seed(index)
         data = {"input_ids": torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g),
                 "label_mask": torch.ones(BATCH, SEQ, dtype=torch.bool)}
         tokens = BATCH * (SEQ - 1)
-        sync.start_step()
-        ce, _ = forward_backward(model, [data], tokens, 1e-4, torch.device("cpu"))
-        sync.finish()
-        optimizer.step(LR)
-        losses.append(float(ce) / tokens)
+        losses.append(step.run([data], tokens, LR).ce_sum / tokens)
     return losses
 
 
@@ -76,11 +70,11 @@ def histories(model: Olmo2ForCausalLM) -> dict[str, torch.Tensor]:
 def saved_run(tmp_path) -> tuple[CheckpointManager, list[float]]:
     """Three steps, a checkpoint, three more: returns the manager and the last three losses."""
     model = full_model()
-    parts = trainer_parts(model)
-    train(model, parts, range(3))
+    step = train_step(model)
+    train(step, range(3))
     manager = CheckpointManager(tmp_path, keep_last=2)
-    manager.save(parts[1], "step3", STATE, CFG.to_dict(), [model])
-    return manager, train(model, parts, range(3, 6))
+    manager.save(step.optimizer, "step3", STATE, CFG.to_dict(), [model])
+    return manager, train(step, range(3, 6))
 
 
 def test_resume_with_module_state_is_bit_identical_and_without_it_is_not(tmp_path):
@@ -88,32 +82,32 @@ def test_resume_with_module_state_is_bit_identical_and_without_it_is_not(tmp_pat
     assert (manager.latest() / "module_state" / "rank0.pt").exists()
 
     resumed = full_model(seed=99)  # other weights and empty histories until loaded
-    parts = trainer_parts(resumed)
-    CheckpointManager.load(manager.latest(), parts[1], weights_only=False, chunks=[resumed])
+    step = train_step(resumed)
+    CheckpointManager.load(manager.latest(), step.optimizer, weights_only=False, chunks=[resumed])
     assert all(h.count_nonzero() == 3 for h in histories(resumed).values())  # three steps' amaxes each
     # TE refuses to unpickle delayed-scaling state without this opt-in; it is set only while loading.
     assert {m.pickle_opt_in_at_load for m in resumed.modules() if isinstance(m, DelayedScalingLinear)} == {"1"}
     assert "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE" not in os.environ
-    assert train(resumed, parts, range(3, 6)) == straight
+    assert train(step, range(3, 6)) == straight
 
     forgetful = full_model(seed=99)
-    parts = trainer_parts(forgetful)
-    CheckpointManager.load(manager.latest(), parts[1], weights_only=False)  # weights and moments only
-    assert train(forgetful, parts, range(3, 6)) != straight
+    step = train_step(forgetful)
+    CheckpointManager.load(manager.latest(), step.optimizer, weights_only=False)  # weights and moments only
+    assert train(step, range(3, 6)) != straight
 
 
 def test_module_state_moves_between_modules_that_keep_it_and_modules_that_do_not(tmp_path):
     manager, _ = saved_run(tmp_path)
     plain = full_model(seed=99, delayed_scaling=False)  # the torch back-end reading a TE checkpoint
-    parts = trainer_parts(plain)
-    CheckpointManager.load(manager.latest(), parts[1], weights_only=False, chunks=[plain])
+    optimizer = train_step(plain).optimizer
+    CheckpointManager.load(manager.latest(), optimizer, weights_only=False, chunks=[plain])
     assert load_module_states(manager.latest(), [plain]) == []
 
     saved_plain = CheckpointManager(tmp_path / "plain", keep_last=1).save(
-        parts[1], "step3", STATE, CFG.to_dict(), [plain])
+        optimizer, "step3", STATE, CFG.to_dict(), [plain])
     assert not (saved_plain / "module_state").exists()
     stateful = full_model(seed=99)  # a TE run starting from a torch checkpoint: fresh histories
-    CheckpointManager.load(saved_plain, trainer_parts(stateful)[1], weights_only=True, chunks=[stateful])
+    CheckpointManager.load(saved_plain, train_step(stateful).optimizer, weights_only=True, chunks=[stateful])
     assert all(h.count_nonzero() == 0 for h in histories(stateful).values())
     assert torch.equal(stateful.model.layers["2"].mlp.up_proj.weight, plain.model.layers["2"].mlp.up_proj.weight)
 
@@ -128,7 +122,7 @@ def test_two_pipeline_stages_save_and_one_process_loads_every_state_by_name(tmp_
     assert len(saved) == 7 * CFG.num_hidden_layers
 
     model = full_model(seed=99)
-    CheckpointManager.load(tmp_path / "checkpoints" / "step3", trainer_parts(model)[1], weights_only=False, chunks=[model])
+    CheckpointManager.load(tmp_path / "checkpoints" / "step3", train_step(model).optimizer, weights_only=False, chunks=[model])
     loaded = histories(model)
     assert loaded.keys() == saved.keys()
     for name, history in saved.items():
@@ -138,19 +132,19 @@ def test_two_pipeline_stages_save_and_one_process_loads_every_state_by_name(tmp_
 def test_trainer_saves_and_restores_module_state_for_an_exact_resume(tmp_path, monkeypatch):
     """The trainer's own save and resume, its chunks holding delayed-scaling linears (as TE's back-end
     would give them): a run stopped at step 3 and resumed equals the straight run bit for bit."""
-    import megolmo.trainer
+    import megolmo.step.chunks
     from megolmo.trainer import Trainer
     from tests.conftest import write_tokens
     from tests.helpers import compose_config
 
-    prepare = megolmo.trainer.prepare_model
+    prepare = megolmo.step.chunks.prepare_model
 
     def prepare_with_delayed_scaling(chunk, *args):
         chunk = prepare(chunk, *args)
         use_delayed_scaling(chunk)
         return chunk
 
-    monkeypatch.setattr(megolmo.trainer, "prepare_model", prepare_with_delayed_scaling)
+    monkeypatch.setattr(megolmo.step.chunks, "prepare_model", prepare_with_delayed_scaling)
     tokens = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
 
     def run(name: str, *extra: str) -> list[float]:

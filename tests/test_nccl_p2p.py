@@ -1,4 +1,5 @@
-"""NCCL's p2p rules on CPU: hand-written programs, the old engine's recorded programs, and a live recording."""
+"""NCCL's p2p rules on CPU: hand-written programs, the old engine's recorded programs (which deadlock), and
+every pipeline schedule recorded live through the real ``TrainStep`` (which must not)."""
 from __future__ import annotations
 
 import json
@@ -9,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port
 from tests.nccl_p2p import load_programs, replay
+from tests.workers.record_schedules import CASES, case_name
 
 OLD_ENGINE_PROGRAMS = sorted((ROOT / "tests" / "data" / "old_engine_p2p").glob("p*_v*.json"))
-# The engine's schedules recorded live and replayed; an entry whose engine deadlocks on NCCL carries OLD_ENGINE.
-OLD_ENGINE = pytest.mark.xfail(strict=True, raises=AssertionError, reason="old engine: unbatched p2p deadlocks on NCCL")
-SCHEDULES_TO_CHECK = [  # (pipeline, virtual, extra overrides)
-    pytest.param(2, 1, (), marks=OLD_ENGINE, id="pp2"),
-    pytest.param(2, 2, (), marks=OLD_ENGINE, id="pp2-v2"),
-]
-
 
 def issue(batch: int, *ops: tuple[str, int], numel: int = 4096, dtype: str = "float32") -> dict:
     return {"issue": batch, "ops": [[kind, peer, numel, dtype] for kind, peer in ops]}
@@ -157,23 +151,24 @@ def test_recorder_sees_the_pipelining_library_and_object_lists(tmp_path):
     assert result.completed and not result.errors, result.description
 
 
-@pytest.mark.parametrize("pipeline, virtual, extra", SCHEDULES_TO_CHECK)
-def test_recorded_schedule_runs_on_nccl(tmp_path, pipeline, virtual, extra):
-    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
-    layers = ["model.num_hidden_layers=8"] if pipeline * virtual > 4 else []  # the tiny model has 4
-    overrides = [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
-                 "trainer.global_batch_size=8", "trainer.micro_batch_size=1", "trainer.max_steps=1",
-                 "optim.warmup_steps=0", f"trainer.run_dir={tmp_path / 'run'}", "parallel.timeout_s=60",
-                 f"parallel.pipeline={pipeline}", f"parallel.virtual_pipeline={virtual}", *layers, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "MEGOLMO_P2P_RECORD_DIR": str(tmp_path / "p2p")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(pipeline), "--master-port",
-           str(free_port()), str(ROOT / "tests" / "workers" / "record_p2p.py"), *overrides]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    if run.returncode != 0:  # not an AssertionError: a broken run must not pass as the expected deadlock
-        raise RuntimeError(f"recording run failed:\n{run.stderr[-3000:]}")
-    programs = load_programs(tmp_path / "p2p")
-    assert sorted(programs) == list(range(pipeline))
-    result = replay(programs)
-    assert not result.errors, result.errors
-    assert result.completed, result.description
+@pytest.fixture(scope="module")
+def schedule_programs(tmp_path_factory) -> Path:
+    """Every schedule's traffic through the real ``TrainStep``, from one 4-rank launch."""
+    out = tmp_path_factory.mktemp("schedules")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
+           str(ROOT / "tests" / "workers" / "record_schedules.py"), str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("case", [case_name(*case) for case in CASES])
+def test_every_schedule_runs_on_nccl(schedule_programs, case):
+    programs = load_programs(schedule_programs / case)
+    assert sorted(programs) == [0, 1, 2, 3]
+    assert all(any("issue" in event for event in events) for events in programs.values())  # traffic was recorded
+    for strict in (False, True):
+        result = replay(programs, strict=strict)
+        assert not result.errors, result.errors
+        assert result.completed, result.description

@@ -11,18 +11,29 @@ from pathlib import Path
 import pytest
 
 from megolmo.errors import MegolmoConfigError
-from megolmo.pipeline.layout import check_micro_batches, chunk_layer_ranges
-from tests.conftest import write_tokens
+from megolmo.pipeline.layout import chunk_layer_ranges
+from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
+from tests.conftest import write_mask, write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point
 
 STEPS = 10
-LAYOUTS = {  # name: (ranks, overrides)
-    "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"]),
-    "pp4": (4, ["parallel.pipeline=4", "trainer.profile_steps=[2]"]),
-    "pp2-v2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "trainer.profile_steps=[2]"]),
-    "pp2-uneven": (2, ["parallel.pipeline=2", "parallel.pipeline_layers=[3,1]"]),
-    "tp2-pp2-sp": (4, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+LAYOUTS = {  # name: (ranks, reference run, overrides)
+    "pp2": (2, "single", ["parallel.pipeline=2", "trainer.profile_steps=[2]"]),
+    "pp4": (4, "single", ["parallel.pipeline=4", "trainer.profile_steps=[2]"]),
+    "pp2-v2": (2, "single", ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "trainer.profile_steps=[2]"]),
+    "pp2-uneven": (2, "single", ["parallel.pipeline=2", "parallel.pipeline_layers=[3,1]"]),
+    "tp2-pp2-sp": (4, "single", ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    # zero-bubble schedules: label-masked data, data-parallel with ZeRO-1 where there are ranks for it
+    "pp2-izb-dp2-zero1": (4, "masked", ["parallel.pipeline=2", "parallel.pipeline_schedule=interleaved_zero_bubble",
+                                        "parallel.distributed_optimizer=true", "trainer.profile_steps=[2]"]),
+    "pp2-zbv-dp2-zero1": (4, "masked", ["parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                                        "parallel.pipeline_schedule=zbv", "parallel.distributed_optimizer=true",
+                                        "trainer.profile_steps=[2]"]),
+    "pp4-izb-v2": (4, "masked8", ["parallel.pipeline=4", "parallel.virtual_pipeline=2",
+                                  "parallel.pipeline_schedule=interleaved_zero_bubble"]),
+    "pp4-zbv": (4, "masked8", ["parallel.pipeline=4", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zbv"]),
 }
+REFERENCES = {"single": [], "masked": ["MASK"], "masked8": ["MASK", "model.num_hidden_layers=8"]}
 
 
 def overrides(run_dir: Path, tokens: str, *extra: str) -> list[str]:
@@ -38,11 +49,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One process plus each pipeline layout, 10 steps each from the same seed and data."""
+    """One-process references plus each pipeline layout, 10 steps each from the same seed and data."""
     base = tmp_path_factory.mktemp("pipeline")
     tokens = write_tokens(base / "tokens.npy", 40_000, 300)
+    mask = f"data.label_mask_paths=[{write_mask(base / 'mask.npy', 40_000, 0.6)}]"
+    cases = {name: (1, [mask if x == "MASK" else x for x in extra]) for name, extra in REFERENCES.items()}
+    for name, (ranks, reference, extra) in LAYOUTS.items():
+        cases[name] = (ranks, cases[reference][1] + extra)
     done = {}
-    for name, (ranks, extra) in {"single": (1, []), **LAYOUTS}.items():
+    for name, (ranks, extra) in cases.items():
         result = run_entry_point(overrides(base / name, tokens, *extra), nproc=ranks, timeout=300)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
         done[name] = base / name
@@ -51,7 +66,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_layouts_match_one_process(runs, layout):
-    reference, got = metrics(runs["single"]), metrics(runs[layout])
+    reference, got = metrics(runs[LAYOUTS[layout][1]]), metrics(runs[layout])
     assert len(got) == STEPS
     assert got[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
     for a, b in zip(reference, got):
@@ -79,11 +94,11 @@ def reference_interleaved(p: int, rank: int, m: int, v: int) -> list[tuple[str, 
     return ops + backwards[m * v - warmup:]
 
 
-def recorded_order(run_dir: Path, step: int) -> dict[int, list[tuple[str, int, int]]]:
-    """Forward/backward spans of each rank, in time order, from the written Chrome trace."""
+def recorded_order(run_dir: Path, step: int, kinds: str = "FB") -> dict[int, list[tuple[str, int, int]]]:
+    """Spans of each rank, in time order, from the written Chrome trace."""
     trace = json.loads((run_dir / f"pipeline_step{step}.json").read_text())["traceEvents"]
     by_rank: dict[int, list] = {}
-    for event in sorted((e for e in trace if e["ph"] == "X" and e["cat"] in ("F", "B")), key=lambda e: e["ts"]):
+    for event in sorted((e for e in trace if e["ph"] == "X" and e["cat"] in kinds), key=lambda e: e["ts"]):
         micro_batch, chunk = event["name"][1:].split(".")
         by_rank.setdefault(event["tid"], []).append((event["cat"], int(micro_batch), int(chunk)))
     return by_rank
@@ -97,6 +112,20 @@ def test_recorded_schedule_is_the_reference_order(runs, layout, p, v):
         expected = reference_1f1b(p, rank, 8) if v == 1 else reference_interleaved(p, rank, 8, v)
         assert order[rank] == expected, f"rank {rank}"
     assert (runs[layout] / "pipeline_step2.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("layout, v", [("pp2-izb-dp2-zero1", 1), ("pp2-zbv-dp2-zero1", 2)])
+def test_zero_bubble_splits_every_backward_into_input_and_weight_passes(runs, layout, v):
+    """Each (micro-batch, chunk) runs F, then I before W (or one full B, as the library does for the first
+    stage); the 4 micro-batches per data-parallel rank all pass every chunk."""
+    order = recorded_order(runs[layout], 2, "FBIW")
+    assert sorted(order) == [0, 1, 2, 3]  # two data-parallel pipelines of two stages
+    for rank, ops in order.items():
+        for micro_batch in range(4):
+            for chunk in range(v):
+                kinds = [k for k, m, c in ops if (m, c) == (micro_batch, chunk)]
+                assert kinds in (["F", "I", "W"], ["F", "B"], ["F", "W"]), (rank, micro_batch, chunk, kinds)
+        assert any(k == "W" for k, _, _ in ops) and any(k == "I" for k, _, _ in ops), rank
 
 
 def test_first_stage_holds_at_most_p_activation_sets(runs):
@@ -135,17 +164,26 @@ def test_bad_pipeline_splits(args, message):
         chunk_layer_ranges(*args)
 
 
-def test_uneven_split_and_micro_batch_rules():
+def test_uneven_split_and_schedule_rules():
     assert chunk_layer_ranges(5, 2, 1, [3, 2]) == [range(0, 3), range(3, 5)]
     assert chunk_layer_ranges(8, 2, 2) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
-    check_micro_batches(3, 4, 1)  # 1F1B accepts fewer micro-batches than stages
-    with pytest.raises(MegolmoConfigError, match="multiple of parallel.pipeline=4; got 2"):
-        check_micro_batches(2, 4, 2)
+    assert schedule_name(None, 1) == "1f1b" and schedule_name(None, 2) == "interleaved_1f1b"
+    check_schedule_layout("interleaved_1f1b", 4, 2, 3)  # fewer micro-batches than stages: one round
+    check_schedule_layout("zbv", 2, 2, 8)
+    for args, message in [(("1f1b", 4, 1, 3), "1f1b needs at least parallel.pipeline=4 micro-batches; got 3"),
+                          (("1f1b", 2, 2, 8), "runs one chunk per rank; got parallel.virtual_pipeline=2"),
+                          (("zbv", 2, 1, 8), "zbv needs parallel.virtual_pipeline=2; got 1"),
+                          (("interleaved_zero_bubble", 4, 2, 9), "divides into rounds of parallel.pipeline=4; got 9")]:
+        with pytest.raises(MegolmoConfigError, match=message):
+            check_schedule_layout(*args)
+    with pytest.raises(MegolmoConfigError, match="parallel.pipeline_schedule=dualpipe: choose one of 1f1b"):
+        schedule_name("dualpipe", 1)
 
 
 def test_pipeline_config_errors_at_start_up(tmp_path):
     tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
-    result = run_entry_point(overrides(tmp_path / "run", tokens, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
-                                       "trainer.global_batch_size=1"), nproc=2, timeout=120)
+    result = run_entry_point(overrides(tmp_path / "run", tokens, "parallel.pipeline=2", "trainer.global_batch_size=1"),
+                             nproc=2, timeout=120)
     assert result.returncode != 0  # torchrun reports a child's exit code 2 as 1
-    assert "megolmo: error: the interleaved schedule needs a number of micro-batches" in result.stderr
+    assert result.stderr.count("megolmo: error: parallel.pipeline_schedule=1f1b needs at least parallel.pipeline=2 "
+                               "micro-batches; got 1") == 1

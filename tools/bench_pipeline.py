@@ -1,4 +1,5 @@
-"""Pipeline step time and bubble fraction for PP = 1, 2, 4 and M = 4, 8, 16 (see megolmo/benchmarks/pipeline.py)."""
+"""Every pipeline schedule at PP = 2, 4 and M = 4, 8, 16: step time vs one rank, bubble, live activations
+(see megolmo/benchmarks/pipeline.py)."""
 import sys
 from pathlib import Path
 

@@ -101,7 +101,12 @@ class Olmo2ForCausalLM(nn.Module):
         Sums, not means: the caller divides by the global number of loss-bearing tokens, which
         makes the loss identical for every micro-batch split and data-parallel layout.
         """
-        logits = self(x)
+        return self.loss_sums_from_logits(self(x), targets, loss_mask)
+
+    def loss_sums_from_logits(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_sums`` from this rank's logits (consumed: they become the softmax in place); a pipeline
+        schedule calls it on the output of the stage that holds the head."""
         if self.compiled_loss_sums is not None:
             return self.compiled_loss_sums(logits, targets, loss_mask, self.lm_head.valid_rows)
         ce, lse = vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(),
@@ -128,3 +133,4 @@ def shift_targets(input_ids: torch.Tensor, label_mask: torch.Tensor) -> tuple[to
     loss_mask = torch.zeros_like(label_mask, dtype=torch.bool)
     loss_mask[:, :-1] = label_mask[:, 1:]
     return targets, loss_mask
+

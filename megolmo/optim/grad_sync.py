@@ -35,7 +35,7 @@ class GradientSynchronizer:
         self._counts: dict[int, int] = {}
         self._ready: dict[int, int] = {}
         for slot in buffers.slots:
-            slot.param.register_post_accumulate_grad_hook(self._on_gradient)
+            slot.param.register_post_accumulate_grad_hook(self.count_gradient)
 
     def start_step(self) -> None:
         self.buffers.reset_grads()
@@ -43,7 +43,14 @@ class GradientSynchronizer:
         self._counts = {id(s.param): 0 for s in self.buffers.slots}
         self._ready = {b.index: 0 for b in self.buffers.buckets}
 
-    def _on_gradient(self, param: nn.Parameter) -> None:
+    def gradient_count(self, param: nn.Parameter) -> int:
+        """Micro-batch gradients ``param`` has received this step."""
+        return self._counts[id(param)]
+
+    def count_gradient(self, param: nn.Parameter) -> None:
+        """One more micro-batch's gradient has been accumulated into ``param``: autograd's accumulate
+        hook calls this, and so does a pipeline schedule's separate weight pass, which accumulates
+        without the hook."""
         if param.grad is not None and param.grad.data_ptr() != param.main_grad.data_ptr():
             param.main_grad.add_(param.grad)  # low-precision parameter: accumulate in fp32, drop the grad
             param.grad = None

@@ -6,7 +6,8 @@ few numbers) are passed as floats and placed on the group's device here, and ten
 check their tensors' device before anything is sent (``tests/test_collectives.py`` enforces the door).
 
 As in ``mappings``, ``group=None`` means a single rank: no collective runs, and the result is what the
-one rank already has. ``src``, ``dst`` and ``peer`` are global ranks, as in torch.distributed.
+one rank already has. ``src`` and ``dst`` are global ranks, as in torch.distributed. Pipeline
+point-to-point traffic is torch.distributed.pipelining's own (``megolmo/pipeline/`` sends nothing itself).
 """
 from __future__ import annotations
 
@@ -94,22 +95,6 @@ def all_gather(pieces: Sequence[torch.Tensor], tensor: torch.Tensor, group: Grou
     for t in (tensor, *pieces):
         _check_device(t, device)
     dist.all_gather(list(pieces), tensor, group=group)
-
-
-@torch.compiler.disable
-def isend(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, tag: int = 0) -> list[dist.Work]:
-    """Asynchronous send; keep ``tensor`` alive until the returned work completes."""
-    _check_device(tensor, group_device(group))
-    return dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, peer, group=group, tag=tag)])
-
-
-@torch.compiler.disable
-def recv(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, tag: int = 0) -> torch.Tensor:
-    """Blocking receive into ``tensor``."""
-    _check_device(tensor, group_device(group))
-    for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, tensor, peer, group=group, tag=tag)]):
-        work.wait()
-    return tensor
 
 
 def all_gather_objects(obj: Any, group: Group) -> list[Any]:

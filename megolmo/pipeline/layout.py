@@ -1,8 +1,8 @@
 """How OLMo 2 layers are cut into pipeline model chunks.
 
-There are ``P x V`` chunks in model order; rank ``r`` holds chunks ``r, r + P, r + 2P, ...`` (the
-interleaved assignment, which for ``V = 1`` is the plain one). The first chunk also holds the
-embedding, the last the final norm, LM head and loss.
+There are ``P x V`` chunks in model order; which rank holds which is the schedule's choice
+(``schedules.stage_indexes``). The first chunk also holds the embedding, the last the final norm,
+LM head and loss.
 """
 from __future__ import annotations
 
@@ -35,17 +35,3 @@ def chunk_layer_ranges(num_layers: int, pipeline: int, virtual: int = 1,
         ranges.append(range(start, start + count))
         start += count
     return ranges
-
-
-def chunks_of_rank(pp_rank: int, pipeline: int, virtual: int) -> list[int]:
-    """Global chunk indexes held by a pipeline rank, in virtual-chunk order."""
-    return [v * pipeline + pp_rank for v in range(virtual)]
-
-
-def check_micro_batches(num_micro_batches: int, pipeline: int, virtual: int) -> None:
-    if virtual > 1 and pipeline > 1:
-        if num_micro_batches < pipeline or num_micro_batches % pipeline:
-            raise MegolmoConfigError(
-                f"the interleaved schedule needs a number of micro-batches that is a multiple of "
-                f"parallel.pipeline={pipeline}; got {num_micro_batches} (trainer.global_batch_size / "
-                "(data-parallel size x trainer.micro_batch_size))")

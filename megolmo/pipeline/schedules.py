@@ -1,43 +1,74 @@
-"""The order of forward and backward passes on one pipeline rank.
+"""The pipeline schedules users choose with ``parallel.pipeline_schedule``, each a schedule of
+``torch.distributed.pipelining``, with the rules each one puts on the layout, checked at start-up.
 
-An op is ``("F" | "B", micro_batch, virtual_chunk)``. 1F1B: ``P - rank - 1`` warm-up forwards, then
-alternate one forward and one backward, then the remaining backwards. Interleaved (Megatron's): the
-same shape over ``M x V`` passes, where forwards walk the rank's chunks in groups of ``P``
-micro-batches and backwards walk them in reverse, with ``(P - rank - 1) x 2 + (V - 1) x P`` warm-up
-forwards.
+| name | library class | chunks per rank | bubble (ideal) |
+|---|---|---|---|
+| ``1f1b`` | ``Schedule1F1B`` | 1 | (P-1)/M |
+| ``interleaved_1f1b`` | ``ScheduleInterleaved1F1B`` | V | (P-1)/(V M) |
+| ``interleaved_zero_bubble`` | ``ScheduleInterleavedZeroBubble`` | V | below 1F1B: weight passes fill it |
+| ``zbv`` | ``ScheduleZBVZeroBubble`` | 2, in a V | below 1F1B: weight passes fill it |
+| ``gpipe`` | ``ScheduleGPipe`` | 1 | (P-1)/M, but holds all M activations |
+
+The library batches each send with the receive it must overlap (1F1B's steady state) or posts every
+receive before the computation that needs it (the action-list runtime), so a send never waits behind
+its peer's own send on NCCL's in-order streams: ``tests/test_nccl_p2p.py`` replays every schedule's
+recorded traffic under those rules.
 """
 from __future__ import annotations
 
-Op = tuple[str, int, int]
+from torch.distributed import pipelining
+
+from megolmo.errors import MegolmoConfigError
+
+SCHEDULES = {
+    "1f1b": pipelining.Schedule1F1B,
+    "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B,
+    "interleaved_zero_bubble": pipelining.ScheduleInterleavedZeroBubble,
+    "zbv": pipelining.ScheduleZBVZeroBubble,
+    "gpipe": pipelining.ScheduleGPipe,
+}
+SINGLE_CHUNK = {"gpipe", "1f1b"}
+SPLIT_BACKWARD = {"interleaved_zero_bubble", "zbv"}  # separate input (I) and weight (W) backward passes
 
 
-def _forward_position(k: int, pipeline: int, virtual: int) -> tuple[int, int]:
-    """(micro_batch, chunk) of the k-th forward on a rank."""
-    group, within = divmod(k, pipeline * virtual)
-    return group * pipeline + within % pipeline, within // pipeline
+def schedule_name(requested: str | None, virtual: int) -> str:
+    """The configured schedule; by default 1F1B, interleaved when there are virtual chunks."""
+    name = requested or ("interleaved_1f1b" if virtual > 1 else "1f1b")
+    if name not in SCHEDULES:
+        raise MegolmoConfigError(f"parallel.pipeline_schedule={name}: choose one of {', '.join(SCHEDULES)}")
+    return name
 
 
-def _backward_position(k: int, pipeline: int, virtual: int) -> tuple[int, int]:
-    micro_batch, chunk = _forward_position(k, pipeline, virtual)
-    return micro_batch, virtual - 1 - chunk
+def check_schedule_layout(name: str, pipeline: int, virtual: int, num_micro_batches: int) -> None:
+    """One-line errors for a layout the schedule cannot run, before anything is allocated."""
+    if name in SINGLE_CHUNK and virtual > 1:
+        raise MegolmoConfigError(f"parallel.pipeline_schedule={name} runs one chunk per rank; got "
+                                 f"parallel.virtual_pipeline={virtual} (use interleaved_1f1b or "
+                                 "interleaved_zero_bubble)")
+    if name == "zbv" and virtual != 2:
+        raise MegolmoConfigError(f"parallel.pipeline_schedule=zbv needs parallel.virtual_pipeline=2; got {virtual}")
+    if name == "1f1b" and num_micro_batches < pipeline:
+        raise MegolmoConfigError(f"parallel.pipeline_schedule=1f1b needs at least parallel.pipeline={pipeline} "
+                                 f"micro-batches; got {num_micro_batches} (trainer.global_batch_size / "
+                                 "(data-parallel size x trainer.micro_batch_size))")
+    if name in ("interleaved_1f1b", "interleaved_zero_bubble"):
+        rounds = max(1, num_micro_batches // pipeline)
+        if num_micro_batches % rounds:
+            raise MegolmoConfigError(
+                f"parallel.pipeline_schedule={name} needs a number of micro-batches that divides into "
+                f"rounds of parallel.pipeline={pipeline}; got {num_micro_batches} (trainer.global_batch_size / "
+                "(data-parallel size x trainer.micro_batch_size))")
 
 
-def warmup_forwards(pipeline: int, rank: int, micro_batches: int, virtual: int) -> int:
-    total = micro_batches * virtual
-    if virtual == 1:
-        return min(pipeline - rank - 1, total)
-    return min((pipeline - rank - 1) * 2 + (virtual - 1) * pipeline, total)
+def stage_indexes(name: str, pp_rank: int, pipeline: int, virtual: int) -> list[int]:
+    """Global chunk indexes a pipeline rank holds, in its local order: looped (r, r+P, ...) or, for
+    ZBV, a V (r and 2P-1-r), so that the last chunk shares a rank with the first."""
+    if name == "zbv":
+        return [pp_rank, 2 * pipeline - 1 - pp_rank]
+    return [v * pipeline + pp_rank for v in range(virtual)]
 
 
-def pipeline_order(pipeline: int, rank: int, micro_batches: int, virtual: int = 1) -> list[Op]:
-    total = micro_batches * virtual
-    warmup = warmup_forwards(pipeline, rank, micro_batches, virtual)
-    order: list[Op] = []
-    for k in range(warmup):
-        order.append(("F", *_forward_position(k, pipeline, virtual)))
-    for i in range(total - warmup):
-        order.append(("F", *_forward_position(warmup + i, pipeline, virtual)))
-        order.append(("B", *_backward_position(i, pipeline, virtual)))
-    for i in range(total - warmup, total):
-        order.append(("B", *_backward_position(i, pipeline, virtual)))
-    return order
+def theoretical_bubble(name: str, pipeline: int, micro_batches: int, virtual: int) -> float:
+    """The ideal idle-over-compute fraction of 1F1B-like schedules, (P-1)/(V M); zero-bubble schedules
+    are measured against it (their goal is to beat it)."""
+    return (pipeline - 1) / ((1 if name in SINGLE_CHUNK else virtual) * micro_batches)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from megolmo.checkpoint.manager import CheckpointManager
 from tests.delayed_scaling import DelayedScalingLinear
-from tests.test_module_state import CFG, SEQ, half_model, trainer_parts
+from megolmo.parallel.state import ParallelState
+from tests.test_module_state import CFG, SEQ, half_model, train_step
 
 
 def main(out: Path) -> None:
@@ -27,7 +28,9 @@ def main(out: Path) -> None:
         x = (torch.randint(0, CFG.vocab_size, (2, SEQ), generator=g) if rank == 0
              else torch.randn(2, SEQ, CFG.hidden_size, generator=g))
         model(x)
-    _, optimizer = trainer_parts(model, dist.group.WORLD)
+    world = dist.group.WORLD  # two pipeline stages of one rank each
+    optimizer = train_step(model, ParallelState(rank, 2, rank, pp=2, pp_rank=rank, pp_group=world, world_group=world)
+                           ).optimizer
     CheckpointManager(out, keep_last=1).save(optimizer, "step3", {"step": 3, "tokens": 0, "optimizer_steps": 0},
                                              CFG.to_dict(), [model], writes_module_state=True)
     torch.save({name: m.amax_history for name, m in model.named_modules() if isinstance(m, DelayedScalingLinear)},

@@ -223,8 +223,8 @@ def case_train(rank: int, out: Path, tokens: str) -> dict:
     for size, sp in TRAIN_LAYOUTS:
         key = f"{size}_{int(sp)}"
         trainer = Trainer(compose_config(train_overrides(tokens, str(out / f"run_{key}"), size, sp)))
-        tp = trainer.tp
-        model = getattr(trainer, "chunks", [trainer.model])[0]  # PP=1: one chunk holding the whole model
+        model = trainer.chunks[0]  # PP=1: one chunk holding the whole model
+        tp = model.tp
         initial = gather_global(model, tp)
         if rank == 0 and size > 1:
             torch.save(initial, out / f"init_{key}.pt")

@@ -101,41 +101,33 @@ def global_param_count(model: torch.nn.Module) -> int:
 
 def build_megolmo(cfg: ModelConfig, v: Variant, device: torch.device, seed: int,
                   batch: Batch, bucket_size: int = 40_000_000) -> Runner:
-    """The trainer's own single-rank step: its kernel choice (modules and AdamW update), flat
-    parameter/fp32-gradient buffers, the gradient synchronizer's hooks, ``forward_backward`` and
-    ``DistributedAdamW`` (dp = 1)."""
+    """The trainer's own single-rank step: its kernel choice (modules and AdamW update) and the
+    ``TrainStep`` its factory builds (flat parameter/fp32-gradient buffers, gradient hooks, the
+    micro-batch loop, ``DistributedAdamW``) around the peers' common initial weights."""
     from megolmo.kernels.apply import prepare_model
-    from megolmo.kernels.fused_adam import UPDATES
     from megolmo.kernels.select import Fp8Settings, choose_kernels
-    from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
-    from megolmo.optim.buffers import FlatBuffers
-    from megolmo.optim.grad_sync import GradientSynchronizer
-    from megolmo.step import forward_backward
+    from megolmo.optim.adamw import AdamWSettings
+    from megolmo.parallel.state import ParallelState
+    from megolmo.step import StepSettings, build_train_step
 
     fp8 = Fp8Settings(recipe=v.fp8_recipe)
     choice = choose_kernels("auto", v.precision, device, fp8, v.compile)  # before building: fp8 on a CPU fails here
     model = reference_model(replace(cfg, activation_checkpointing=v.checkpointing), seed).to(device)
-    prepare_model(model, v.dtype, choice, fp8, compile_blocks=v.compile)  # as the trainer's build_chunks does
+    prepare_model(model, v.dtype, choice, fp8, compile_blocks=v.compile)  # as the step factory's build_chunks does
     num_params = global_param_count(model)
-    buffers = FlatBuffers(list(model.named_parameters()), 1, bucket_size)
-    grad_sync = GradientSynchronizer(buffers, None, 1, reduce_scatter=False, overlap=True)
-    opt = DistributedAdamW(buffers, AdamWSettings(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                                  clip_grad_norm=CLIP), None, False, 0, [],
-                           UPDATES.get(choice.optimizer))
+    adamw = AdamWSettings(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, clip_grad_norm=CLIP)
+    train_step = build_train_step(ParallelState(device=device), StepSettings(
+        adamw, z_loss=Z_LOSS, bucket_size=bucket_size, fused_optimizer=choice.optimizer), chunks=[model])
     input_ids, label_mask = (t.to(device) for t in batch)
     micro = [dict(input_ids=input_ids, label_mask=label_mask)]
     loss_tokens = int(label_mask[:, 1:].sum())
 
     def step() -> float:
-        grad_sync.start_step()
-        ce, _ = forward_backward(model, micro, loss_tokens, z_loss=Z_LOSS, device=device)
-        grad_sync.finish()
-        opt.step(LR)
-        return float(ce) / loss_tokens
+        return train_step.run(micro, loss_tokens, LR).ce_sum / loss_tokens
 
     kernels = {k: val for k, val in choice.to_dict().items() if k != "accelerators"}
-    notes = ["megolmo: trainer path (choose_kernels + apply_kernels, FlatBuffers, GradientSynchronizer, "
-             "forward_backward, DistributedAdamW on flat buffers), CE + 1e-5 z-loss",
+    notes = ["megolmo: trainer path (choose_kernels + prepare_model, the TrainStep factory: flat buffers, "
+             "gradient hooks, DistributedAdamW on flat buffers), CE + 1e-5 z-loss",
              f"megolmo {v.precision}: kernels {json.dumps(choice.to_dict())}"]
     if v.dtype != torch.float32:
         notes.append(f"megolmo {v.precision}: bf16 params, fp32 grad buffer + fp32 master weights and Adam state"

@@ -1,0 +1,80 @@
+"""The loop's extension points: a callback observes or interrupts training at fixed points.
+
+The trainer calls, on every rank and in this order: ``on_start`` before the first step,
+``on_step_end`` after each optimizer step, ``before_save``/``after_save`` around each checkpoint,
+``on_end`` after the last step, ``on_failure`` when the loop raised. ``summary`` adds keys to
+``summary.json``. Hooks run on every rank (they may use collectives); writing to the run directory is
+left to global rank 0. A hook that raises is reported as ``CallbackError`` naming the callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megolmo.trainer import Trainer
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as ``metrics.jsonl`` records it."""
+
+    step: int
+    loss: float
+    z_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    tokens_per_sec: float
+    mfu: float | None
+
+
+class CallbackError(RuntimeError):
+    """A callback's hook raised: the message names the callback and the hook, in one line."""
+
+
+class Callback:
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, record: StepRecord) -> None: ...
+    def before_save(self, trainer: Trainer, step: int) -> None: ...
+    def after_save(self, trainer: Trainer, step: int, path: Path) -> None: ...
+    def on_end(self, trainer: Trainer) -> None: ...
+    def on_failure(self, trainer: Trainer, error: BaseException) -> None: ...
+
+    def summary(self, trainer: Trainer) -> dict[str, Any]:
+        """Keys for ``summary.json`` at the end of the run (called on every rank)."""
+        return {}
+
+
+class CallbackList:
+    """Calls one hook on every callback in order; the first that raises ends the hook as a
+    ``CallbackError`` naming it (the original error is its cause)."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = list(callbacks)
+
+    def call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            self._guarded(callback, hook, *args)
+
+    def summaries(self, trainer: Trainer) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for callback in self.callbacks:
+            merged.update(self._guarded(callback, "summary", trainer))
+        return merged
+
+    @staticmethod
+    def _guarded(callback: Callback, hook: str, *args: Any) -> Any:
+        try:
+            return getattr(callback, hook)(*args)
+        except CallbackError:
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised with the callback's name
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise CallbackError(f"callback {callback.name}.{hook} failed: {type(error).__name__}: "
+                                f"{first_line}") from error

@@ -1,0 +1,102 @@
+"""``TrainStep``: everything one optimizer step does on a rank, built in one place.
+
+The step owns this rank's chunks, the flat parameter/gradient buffers with their data-parallel
+bucket reductions, the schedule (plain micro-batch loop, or a pipeline schedule), and the optimizer.
+``build_train_step`` assembles it; the trainer, the benchmarks and the tests all call it, so what is
+measured and tested is what trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megolmo.kernels.fused_adam import UPDATES
+from megolmo.model.olmo2 import Olmo2ForCausalLM
+from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
+from megolmo.optim.buffers import FlatBuffers
+from megolmo.optim.grad_sync import GradientSynchronizer
+from megolmo.parallel.mappings import all_reduce_sum
+from megolmo.parallel.state import ParallelState
+from megolmo.pipeline.runner import PipelineRunner
+from megolmo.step.chunks import ChunkSettings, build_chunks
+from megolmo.step.loss import forward_backward
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    adamw: AdamWSettings
+    num_micro_batches: int = 1     # per rank and step
+    micro_batch_size: int = 1      # sequences
+    seq_len: int = 0               # tokens per sequence (needed with a pipeline)
+    z_loss: float = 0.0
+    bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    schedule: str = "1f1b"         # pipeline schedule (with parallel.pipeline > 1)
+    virtual: int = 1               # chunks per pipeline rank
+    fused_optimizer: str | None = None  # a KernelChoice.optimizer name
+
+
+@dataclass
+class StepResult:
+    ce_sum: float      # summed token cross-entropy over the global batch
+    z_sum: float       # summed logsumexp^2 over the global batch
+    grad_norm: float
+
+
+class TrainStep:
+    def __init__(self, chunks: list[Olmo2ForCausalLM], ps: ParallelState, settings: StepSettings):
+        self.chunks = chunks
+        self.ps = ps
+        self.settings = settings
+        named = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+        self.buffers = FlatBuffers(named, ps.dp, int(settings.bucket_size))
+        self.grad_sync = GradientSynchronizer(self.buffers, ps.dp_group, settings.num_micro_batches,
+                                              reduce_scatter=settings.distributed_optimizer,
+                                              overlap=settings.overlap_grad_reduce)
+        self.sequence_parallel_grads = [slot.param.main_grad for slot in self.buffers.slots
+                                        if getattr(slot.param, "sequence_parallel", False)]
+        self.optimizer = DistributedAdamW(self.buffers, settings.adamw, ps.dp_group, settings.distributed_optimizer,
+                                          ps.tp_rank, [g for g in (ps.tp_group, ps.pp_group) if g is not None],
+                                          UPDATES.get(settings.fused_optimizer))
+        self.pipeline: PipelineRunner | None = None
+        if ps.pp > 1:
+            sp = chunks[0].tp.sequence_parallel
+            shape = (settings.micro_batch_size, settings.seq_len // (ps.tp if sp else 1), chunks[0].cfg.hidden_size)
+            dtype = next(chunks[0].parameters()).dtype
+            self.pipeline = PipelineRunner(chunks, ps, settings.schedule, settings.virtual, settings.num_micro_batches,
+                                           settings.seq_len, shape, dtype, self.grad_sync.count_gradient,
+                                           self.grad_sync.gradient_count)
+
+    @property
+    def model(self) -> nn.ModuleList:
+        return nn.ModuleList(self.chunks)
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], loss_tokens: int, lr: float) -> StepResult:
+        """Forwards and backwards over this rank's micro-batches, gradient reductions, one AdamW update.
+        ``loss_tokens`` is the global batch's count of loss-bearing tokens (DESIGN.md's loss convention)."""
+        self.grad_sync.start_step()
+        if self.pipeline is None:
+            ce, z = forward_backward(self.chunks[0], micro_batches, loss_tokens, self.settings.z_loss, self.ps.device)
+        else:
+            ce, z = self.pipeline.run(micro_batches, loss_tokens, self.settings.z_loss)
+        self.grad_sync.finish()
+        for grad in self.sequence_parallel_grads:  # weights that saw only a sequence shard: sum over TP
+            all_reduce_sum(grad, self.ps.tp_group)
+        sums = all_reduce_sum(all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group), self.ps.pp_group)
+        grad_norm = self.optimizer.step(lr)
+        return StepResult(float(sums[0]), float(sums[1]), grad_norm)
+
+
+def build_train_step(ps: ParallelState, settings: StepSettings, chunk_settings: ChunkSettings | None = None,
+                     chunks: list[Olmo2ForCausalLM] | None = None) -> TrainStep:
+    """The step of this rank: its chunks are built from ``chunk_settings`` (with the kernels chosen), or
+    given ready-made (``chunks``: tests and benchmarks with their own modules)."""
+    if (chunk_settings is None) == (chunks is None):
+        raise ValueError("give exactly one of chunk_settings and chunks")
+    if chunks is None:
+        torch.manual_seed(chunk_settings.seed)
+        chunks = build_chunks(chunk_settings, ps, settings.schedule, settings.virtual)
+    return TrainStep(chunks, ps, settings)
