@@ -11,6 +11,7 @@ import hydra
 import torch.distributed
 from omegaconf import DictConfig
 
+from megolmo.callbacks.base import CallbackError
 from megolmo.errors import MegolmoConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -20,9 +21,9 @@ def run(cfg: DictConfig) -> None:
     """Train; on failure make every rank exit instead of leaving peers blocked in a collective.
 
     A config error is detected identically on every rank, or agreed on by all ranks at start-up
-    (``parallel/agree.py``): rank 0 prints it in one line. Any other
-    error is printed in full by the rank where it happened, which then exits at once: its closed
-    connections fail the peers' pending collectives, and the peers exit with a one-line notice.
+    (``parallel/agree.py``): rank 0 prints it in one line. Any other error is printed in full by the
+    rank where it happened (a failing callback in one line naming it), which then exits at once: its
+    closed connections fail the peers' pending collectives, and the peers exit with a one-line notice.
     """
     from megolmo.parallel.bootstrap import discover
     from megolmo.parallel.state import shutdown
@@ -37,10 +38,12 @@ def run(cfg: DictConfig) -> None:
             print(f"megolmo: error: {error}", file=sys.stderr, flush=True)
         exit_code = 2
     except Exception as error:  # noqa: BLE001 - the last line of defence for a multi-rank job
-        if is_peer_failure(error):
+        if is_peer_failure(error) or is_peer_failure(error.__cause__):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"megolmo: rank {rank}: stopping because another rank failed ({first_line})",
                   file=sys.stderr, flush=True)
+        elif isinstance(error, CallbackError):  # names the callback and the hook: one line is enough
+            print(f"megolmo: rank {rank}: error: {error}", file=sys.stderr, flush=True)
         else:
             print(f"megolmo: rank {rank} failed:", file=sys.stderr, flush=True)
             traceback.print_exc()
@@ -54,8 +57,10 @@ def run(cfg: DictConfig) -> None:
     sys.exit(exit_code)
 
 
-def is_peer_failure(error: BaseException) -> bool:
+def is_peer_failure(error: BaseException | None) -> bool:
     """A collective or point-to-point operation failed because a peer died or timed out."""
+    if error is None:
+        return False
     if isinstance(error, torch.distributed.DistError):
         return True
     text = str(error)

@@ -87,7 +87,8 @@ class Trainer:
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                           self.ps.dp_rank, self.ps.dp)
             if p.pipeline > 1:
-                check_schedule_layout(self.schedule, p.pipeline, p.virtual_pipeline, self.loader.num_micro_batches)
+                check_schedule_layout(self.schedule, p.pipeline, p.virtual_pipeline, self.loader.num_micro_batches,
+                                      bool(t.compile))
         except MegolmoConfigError as raised:
             error = raised
         agree_on_errors(error)

@@ -123,3 +123,20 @@ def test_gradients_reduced_once_per_step_in_overlapped_buckets(tmp_path, data, d
         assert first_launch < last_ready  # bucket 0 went out while backward was still producing gradients
     assert probes[1]["micro_batches"] == 4 and probes[4]["micro_batches"] == 1
     assert probes[1]["reductions"] == probes[4]["reductions"]
+
+
+@pytest.mark.parametrize("schedule, virtual", [("interleaved_zero_bubble", 1), ("zbv", 2)])
+def test_zero_bubble_weight_passes_release_buckets_early(tmp_path, data, schedule, virtual):
+    """The library accumulates a zero-bubble schedule's weight gradients without autograd's hooks; the
+    buckets still reduce once per step, and the first goes out while weight passes are still running."""
+    probe = reduction_probe(tmp_path, data["plain"], 4, "trainer.micro_batch_size=1", "parallel.pipeline=2",
+                            f"parallel.virtual_pipeline={virtual}", f"parallel.pipeline_schedule={schedule}",
+                            "parallel.distributed_optimizer=true")
+    assert probe["buckets"] > 1 and probe["micro_batches"] == 4
+    assert probe["total_calls"] == probe["buckets"] * probe["steps"]
+    assert sum(nbytes for _, nbytes in probe["reductions"]) == probe["grad_buffer_bytes"]
+    events = probe["events"]
+    assert events.count(["finished", -1]) == 1
+    first_launch = next(i for i, (kind, _) in enumerate(events) if kind == "launch")
+    last_ready = max(i for i, (kind, _) in enumerate(events) if kind == "grad_ready")
+    assert first_launch < last_ready

@@ -173,7 +173,8 @@ def test_uneven_split_and_schedule_rules():
     for args, message in [(("1f1b", 4, 1, 3), "1f1b needs at least parallel.pipeline=4 micro-batches; got 3"),
                           (("1f1b", 2, 2, 8), "runs one chunk per rank; got parallel.virtual_pipeline=2"),
                           (("zbv", 2, 1, 8), "zbv needs parallel.virtual_pipeline=2; got 1"),
-                          (("interleaved_zero_bubble", 4, 2, 9), "divides into rounds of parallel.pipeline=4; got 9")]:
+                          (("interleaved_zero_bubble", 4, 2, 9), "divides into rounds of parallel.pipeline=4; got 9"),
+                          (("zbv", 2, 2, 8, True), "zbv splits each backward .* set trainer.compile=false")]:
         with pytest.raises(MegolmoConfigError, match=message):
             check_schedule_layout(*args)
     with pytest.raises(MegolmoConfigError, match="parallel.pipeline_schedule=dualpipe: choose one of 1f1b"):

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from megolmo.trainer import Trainer
+Trainer = Any  # ``megolmo.trainer.Trainer``; not imported, since the trainer imports the callbacks
 
 
 @dataclass

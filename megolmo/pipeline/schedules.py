@@ -39,8 +39,13 @@ def schedule_name(requested: str | None, virtual: int) -> str:
     return name
 
 
-def check_schedule_layout(name: str, pipeline: int, virtual: int, num_micro_batches: int) -> None:
+def check_schedule_layout(name: str, pipeline: int, virtual: int, num_micro_batches: int,
+                          compiled: bool = False) -> None:
     """One-line errors for a layout the schedule cannot run, before anything is allocated."""
+    if name in SPLIT_BACKWARD and compiled:
+        raise MegolmoConfigError(f"parallel.pipeline_schedule={name} splits each backward into input- and "
+                                 "weight-gradient passes, which compiled blocks cannot do: set trainer.compile=false "
+                                 "or choose 1f1b / interleaved_1f1b")
     if name in SINGLE_CHUNK and virtual > 1:
         raise MegolmoConfigError(f"parallel.pipeline_schedule={name} runs one chunk per rank; got "
                                  f"parallel.virtual_pipeline={virtual} (use interleaved_1f1b or "

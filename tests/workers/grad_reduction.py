@@ -34,10 +34,10 @@ if __name__ == "__main__":
     trainer = Trainer(compose_config(overrides))
     trainer.fit()
     if trainer.ps.is_main:
-        events = trainer.step_fn.grad_sync.events
-        json.dump({"reductions": counted[-len(trainer.step_fn.buffers.buckets):] if counted else [],
+        events, buffers = trainer.step_fn.grad_sync.events, trainer.step_fn.buffers
+        json.dump({"reductions": counted[-len(buffers.buckets):] if counted else [],
                    "total_calls": len(counted), "steps": trainer.cfg.trainer.max_steps,
-                   "grad_buffer_bytes": trainer.step_fn.buffers.grad_bytes, "buckets": len(trainer.step_fn.buffers.buckets),
+                   "grad_buffer_bytes": buffers.grad_bytes, "buckets": len(buffers.buckets),
                    "micro_batches": trainer.loader.num_micro_batches,
                    "events": [(kind, bucket) for kind, bucket, _ in events]}, open(out_path, "w"))
     del trainer
