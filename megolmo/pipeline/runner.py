@@ -15,7 +15,7 @@ from torch import nn
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.clock import SpanClock
-from megolmo.pipeline.schedules import SCHEDULES, stage_indexes
+from megolmo.pipeline.schedules import SCHEDULES, SINGLE_CHUNK, stage_indexes
 from megolmo.pipeline.stage import ObservedStage, RankActivity, ScheduleRecord
 
 
@@ -26,14 +26,13 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool = Fals
 
 
 class PipelineRunner:
-    """``activation_shape`` is what travels between stages: (micro-batch, local sequence, hidden)."""
-
+    """``activation_shape`` is what travels between stages: (micro-batch, local sequence, hidden);
+    ``count_gradient``/``gradient_count`` are the data-parallel synchronizer's, for weight passes."""
 
     def __init__(self, chunks: list[Olmo2ForCausalLM], ps: ParallelState, schedule: str, virtual: int,
                  num_micro_batches: int, seq_len: int, activation_shape: tuple[int, ...], dtype: torch.dtype,
                  count_gradient: Callable[[nn.Parameter], None], gradient_count: Callable[[nn.Parameter], int]):
         self.ps = ps
-        self.num_micro_batches = num_micro_batches
         indexes = stage_indexes(schedule, ps.pp_rank, ps.pp, virtual)
         num_stages = ps.pp * virtual
         self.holds_first = 0 in indexes
@@ -48,9 +47,8 @@ class PipelineRunner:
             self.stages.append(ObservedStage(chunk, index, num_stages, ps.device, example_in, example_out,
                                              ps.pp_group, self.activity, local, count_gradient, gradient_count))
         self.head = chunks[indexes.index(num_stages - 1)] if self.holds_last else None
-        cls = SCHEDULES[schedule]
-        stages = self.stages[0] if schedule in ("gpipe", "1f1b") else self.stages
-        self.schedule = cls(stages, num_micro_batches, loss_fn=self._loss, scale_grads=False)
+        stages = self.stages[0] if schedule in SINGLE_CHUNK else self.stages
+        self.schedule = SCHEDULES[schedule](stages, num_micro_batches, loss_fn=self._loss, scale_grads=False)
         self._loss_tokens = 1
         self._z_loss = 0.0
         self._sums: list[torch.Tensor] = []
