@@ -27,12 +27,16 @@ def run(cfg: DictConfig) -> None:
     """
     from megolmo.parallel.bootstrap import discover
     from megolmo.parallel.state import shutdown
+    from megolmo.start_point import RunFinished
     from megolmo.trainer import Trainer
 
     rank = discover().rank
     exit_code = 0
     try:
         Trainer(cfg).fit()
+    except RunFinished as finished:  # a requeued or retried job that has already done its work
+        if rank == 0:
+            print(f"megolmo: {finished}", flush=True)
     except MegolmoConfigError as error:
         if rank == 0:
             print(f"megolmo: error: {error}", file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ from megolmo.parallel.state import check_layout, initialize
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from megolmo.run_dir import RunDirectory, choose_run_dir
+from megolmo.start_point import check_start_point
 from megolmo.step import ChunkSettings, StepSettings, build_train_step
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: GEMM inputs only
@@ -75,6 +76,7 @@ class Trainer:
         self.load_path = resolve_checkpoint(Path(cfg.load_path)) if cfg.load_path else None
         if self.load_path is not None and not self.load_path.exists():
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
+        check_start_point(t.run_dir, self.load_path, bool(cfg.reset_trainer_state), t.max_steps, t.stop_at)
         check_model_layout(self.model_cfg, p.tensor, cfg.data.seq_len, p.sequence_parallel)
         self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(p.tensor, p.pipeline, p.timeout_s)

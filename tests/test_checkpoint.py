@@ -132,7 +132,7 @@ def test_checkpoint_errors(tmp_path, tokens, straight):
     with pytest.raises(MegolmoConfigError, match=r"tensor model\.embed_tokens\.weight has shape \[300, 128\] "
                                                  r"but the model expects \[300, 64\]"):
         Trainer(compose_config(overrides(tmp_path / "b", tokens, f"load_path={straight}", "model.hidden_size=64",
-                                         "model.intermediate_size=96")))
+                                         "model.intermediate_size=96", "reset_trainer_state=true")))
     damaged = tmp_path / "damaged"
     import shutil
     shutil.copytree((straight / "checkpoints" / "latest").resolve(), damaged)
