@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from megolmo.callbacks.base import CallbackError
 from megolmo.errors import MegolmoConfigError
+from megolmo.launcher_report import report_failure
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -38,20 +39,26 @@ def run(cfg: DictConfig) -> None:
         if rank == 0:
             print(f"megolmo: {finished}", flush=True)
     except MegolmoConfigError as error:
+        line = f"megolmo: error: {error}"
         if rank == 0:
-            print(f"megolmo: error: {error}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+        report_failure(line)
         exit_code = 2
     except Exception as error:  # noqa: BLE001 - the last line of defence for a multi-rank job
-        if is_peer_failure(error) or is_peer_failure(error.__cause__):
+        peer_failed = is_peer_failure(error) or is_peer_failure(error.__cause__)
+        if peer_failed:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"megolmo: rank {rank}: stopping because another rank failed ({first_line})",
-                  file=sys.stderr, flush=True)
+            line = f"megolmo: rank {rank}: stopping because another rank failed ({first_line})"
         elif isinstance(error, CallbackError):  # names the callback and the hook: one line is enough
-            print(f"megolmo: rank {rank}: error: {error}", file=sys.stderr, flush=True)
+            line = f"megolmo: rank {rank}: error: {error}"
         else:
+            line = f"megolmo: rank {rank} failed: {first_line_of_root(error)}"
             print(f"megolmo: rank {rank} failed:", file=sys.stderr, flush=True)
             traceback.print_exc()
-            sys.stderr.flush()
+        if peer_failed or isinstance(error, CallbackError):
+            print(line, file=sys.stderr, flush=True)
+        report_failure(line, caused_by_peer=peer_failed)
+        sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
     # Gradient hooks keep the trainer, and with it the process groups, in reference cycles: free
@@ -59,6 +66,15 @@ def run(cfg: DictConfig) -> None:
     gc.collect()
     shutdown()
     sys.exit(exit_code)
+
+
+def first_line_of_root(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause: libraries (the pipeline schedule, a callback) wrap
+    the error that matters in one of their own."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
 
 
 def is_peer_failure(error: BaseException | None) -> bool:

@@ -34,3 +34,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_root_cause(stderr: str) -> str:
+    """The ``traceback :`` line of the failure torchrun's summary names as the root cause."""
+    section = stderr.split("Root Cause (first observed failure):", 1)[1]
+    return next(line for line in section.splitlines() if line.strip().startswith("traceback :")
+                ).split("traceback :", 1)[1].strip()

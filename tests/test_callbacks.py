@@ -14,7 +14,7 @@ import pytest
 
 from megolmo.callbacks import Callback, CallbackError, CallbackList
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point
+from tests.helpers import ROOT, free_port, run_entry_point, torchrun_root_cause
 
 # Recorded with the trainer before the callback layer (commit 1ba5975), same configs and data as below.
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
@@ -76,6 +76,7 @@ def test_a_raising_callback_is_named_in_one_line_and_ends_every_rank(tmp_path):
     assert ours[0] == "megolmo: rank 1: error: callback FlakyLogger.on_step_end failed: OSError: disk quota exceeded"
     assert len(ours) == 2 and ours[1].startswith("megolmo: rank 0: stopping because another rank failed")
     assert "second line" not in result.stderr and "FlakyLogger" not in "".join(ours[1:])
+    assert torchrun_root_cause(result.stderr) == ours[0]  # not rank 0, which only saw rank 1 go
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2  # rank 0 wrote step 2 before rank 1's callback ended the job
 

@@ -14,7 +14,7 @@ from megolmo.errors import MegolmoConfigError
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from tests.conftest import write_mask, write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point
+from tests.helpers import ROOT, free_port, run_entry_point, torchrun_root_cause
 
 STEPS = 10
 LAYOUTS = {  # name: (ranks, reference run, overrides)
@@ -166,8 +166,9 @@ def test_a_failing_stage_ends_the_whole_job(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - started < 90
-    assert result.stderr.count("ValueError: injected failure on rank 1") == 1
+    assert result.stderr.count("ValueError: injected failure on rank 1") == 2  # the traceback and torchrun's summary
     assert "megolmo: rank 1 failed:" in result.stderr
+    assert torchrun_root_cause(result.stderr) == "megolmo: rank 1 failed: ValueError: injected failure on rank 1"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -203,5 +204,7 @@ def test_pipeline_config_errors_at_start_up(tmp_path):
     result = run_entry_point(overrides(tmp_path / "run", tokens, "parallel.pipeline=2", "trainer.global_batch_size=1"),
                              nproc=2, timeout=120)
     assert result.returncode != 0  # torchrun reports a child's exit code 2 as 1
-    assert result.stderr.count("megolmo: error: parallel.pipeline_schedule=1f1b needs at least parallel.pipeline=2 "
-                               "micro-batches; got 1") == 1
+    line = ("megolmo: error: parallel.pipeline_schedule=1f1b needs at least parallel.pipeline=2 micro-batches; got 1 "
+            "(trainer.global_batch_size / (data-parallel size x trainer.micro_batch_size))")
+    assert [x for x in result.stderr.splitlines() if x.startswith("megolmo:")] == [line]  # rank 0 alone prints it
+    assert torchrun_root_cause(result.stderr) == line
