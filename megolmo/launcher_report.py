@@ -3,8 +3,10 @@
 torchrun gives each worker a file (``TORCHELASTIC_ERROR_FILE``) for its failure and prints, as the job's
 root cause, the failure with the earliest timestamp; without a file it reports ``error_file: <N/A>``
 and no reason. Every failing rank writes the line it printed (or, for a config error that rank 0
-alone prints, the same line on every rank); a rank that stops only because a peer failed stamps its
-file a second later, so the rank that really failed is the one named.
+alone prints, the same line on every rank). Timestamps are whole seconds: a real failure is stamped a
+second early and a rank that stops only because a peer failed a second late, so neither it nor a rank
+torchrun killed before it wrote anything (stamped when torchrun reads) can tie with the rank that
+really failed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def report_failure(message: str, caused_by_peer: bool = False) -> None:
     path = os.environ.get(ERROR_FILE)
     if not path:
         return
-    stamp = int(time.time()) + (1 if caused_by_peer else 0)
+    stamp = int(time.time()) + (1 if caused_by_peer else -1)
     record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(stamp)}}}
     with open(path, "w") as f:
         json.dump(record, f)

@@ -20,12 +20,24 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m megolmo.train`` (under torchrun when nproc > 1), one thread per rank."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, "-m", "megolmo.train", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(free_port()), "-m", "megolmo.train", *overrides]
+        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+    return run_torchrun(["-m", "megolmo.train", *overrides], nproc, timeout, env)
+
+
+def run_worker(name: str, args: list[str], nproc: int, timeout: float = 240,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``tests/workers/<name>.py`` under torchrun, one thread per rank."""
+    return run_torchrun([str(ROOT / "tests" / "workers" / f"{name}.py"), *args], nproc, timeout, env)
+
+
+def run_torchrun(program: list[str], nproc: int, timeout: float, env: dict[str, str] | None
+                 ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), *program]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,10 +3,7 @@ checkpoints, run directory, pipeline timeline), and a callback that raises is na
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 
 from megolmo.callbacks import Callback, CallbackError, CallbackList
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point, torchrun_root_cause
+from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 
 # Recorded with the trainer before the callback layer (commit 1ba5975), same configs and data as below.
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
@@ -63,13 +60,10 @@ def test_a_run_through_the_callbacks_equals_the_run_before_them(tmp_path, layout
 
 def test_a_raising_callback_is_named_in_one_line_and_ends_every_rank(tmp_path):
     tokens = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MEGOLMO_TEST_FAIL_RANK": "1",
-           "MEGOLMO_TEST_FAIL_STEP": "2"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(ROOT / "tests" / "workers" / "failing_callback.py"),
-           *overrides(tokens, tmp_path / "run", "parallel.pipeline=2", "parallel.timeout_s=30")]
     started = time.monotonic()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run_worker("failing_callback", overrides(tokens, tmp_path / "run", "parallel.pipeline=2",
+                                                      "parallel.timeout_s=30"), nproc=2, timeout=120,
+                        env={"MEGOLMO_TEST_FAIL_RANK": "1", "MEGOLMO_TEST_FAIL_STEP": "2"})
     assert result.returncode != 0
     assert time.monotonic() - started < 90  # not the 30 s process-group timeout twice over
     ours = [line for line in result.stderr.splitlines() if line.startswith("megolmo:")]  # torchrun's report aside
@@ -78,7 +72,7 @@ def test_a_raising_callback_is_named_in_one_line_and_ends_every_rank(tmp_path):
     assert "second line" not in result.stderr and "FlakyLogger" not in "".join(ours[1:])
     assert torchrun_root_cause(result.stderr) == ours[0]  # not rank 0, which only saw rank 1 go
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 2  # rank 0 wrote step 2 before rank 1's callback ended the job
+    assert 1 <= len(metrics) <= 2  # the job ended at step 2 (rank 0 may be stopped before writing it)
 
 
 def test_callback_list_calls_in_order_and_names_the_failing_one():

@@ -3,14 +3,12 @@ every pipeline schedule recorded live through the real ``TrainStep`` (which must
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, run_torchrun, run_worker
 from tests.nccl_p2p import load_programs, replay
 from tests.workers.record_schedules import CASES, case_name
 
@@ -128,10 +126,7 @@ dist.destroy_process_group()
 
 
 def test_recorder_sees_the_pipelining_library_and_object_lists(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port", str(free_port()),
-           "--no-python", sys.executable, "-c", LIBRARY_SCRIPT, str(tmp_path)]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run = run_torchrun(["--no-python", sys.executable, "-c", LIBRARY_SCRIPT, str(tmp_path)], 3, 120, None)
     assert run.returncode == 0, run.stderr[-3000:]
     programs = load_programs(tmp_path)
     shape = {rank: [("wait", e["wait"]) if "wait" in e else [(k, peer, dtype) for k, peer, _, dtype in e["ops"]]
@@ -155,10 +150,7 @@ def test_recorder_sees_the_pipelining_library_and_object_lists(tmp_path):
 def schedule_programs(tmp_path_factory) -> Path:
     """Every schedule's traffic through the real ``TrainStep``, from one 4-rank launch."""
     out = tmp_path_factory.mktemp("schedules")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-           str(ROOT / "tests" / "workers" / "record_schedules.py"), str(out)]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    run = run_worker("record_schedules", [str(out)], nproc=4)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 

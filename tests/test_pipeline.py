@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from megolmo.errors import MegolmoConfigError
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from tests.conftest import write_mask, write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point, torchrun_root_cause
+from tests.helpers import run_entry_point, run_worker, torchrun_root_cause
 
 STEPS = 10
 LAYOUTS = {  # name: (ranks, reference run, overrides)
@@ -157,13 +154,10 @@ def test_a_zbv_checkpoint_resumes_under_1f1b(runs, tmp_path):
 
 def test_a_failing_stage_ends_the_whole_job(tmp_path):
     tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MEGOLMO_TEST_FAIL_RANK": "1",
-           "MEGOLMO_TEST_FAIL_AFTER": "20"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-           str(ROOT / "tests" / "workers" / "failing_stage.py"),
-           *overrides(tmp_path / "run", tokens, "parallel.pipeline=4", "parallel.timeout_s=30")]
     started = time.monotonic()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run_worker("failing_stage", overrides(tmp_path / "run", tokens, "parallel.pipeline=4",
+                                                   "parallel.timeout_s=30"), nproc=4, timeout=120,
+                        env={"MEGOLMO_TEST_FAIL_RANK": "1", "MEGOLMO_TEST_FAIL_AFTER": "20"})
     assert result.returncode != 0
     assert time.monotonic() - started < 90
     assert result.stderr.count("ValueError: injected failure on rank 1") == 2  # the traceback and torchrun's summary
