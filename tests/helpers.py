@@ -1,4 +1,4 @@
-"""Test helpers: compose the real Hydra config, and run the real entry point in subprocesses."""
+"""Test helpers: run the real entry point in subprocesses."""
 from __future__ import annotations
 
 import os
@@ -6,15 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from megolmo.checkpoint.manager import checkpoint_name
+from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, compose_config, run_entry_point
+from tests.helpers import ROOT, run_entry_point
 
 STEPS = 10
 
@@ -41,15 +42,15 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tokens) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
-    Trainer(compose_config(overrides(run, tokens))).fit()
+    Trainer(load_config(overrides(run, tokens))).fit()
     return run
 
 
 def test_exact_resume_is_bit_identical(tmp_path, tokens, straight):
     run = tmp_path / "run"
-    first = Trainer(compose_config(overrides(run, tokens, "trainer.stop_at=5"))).fit()
+    first = Trainer(load_config(overrides(run, tokens, "trainer.stop_at=5"))).fit()
     assert len(first) == 5 and (run / "checkpoints" / "latest").resolve().name == "stage1-step5-tokens0B"
-    second = Trainer(compose_config(overrides(run, tokens)))
+    second = Trainer(load_config(overrides(run, tokens)))
     assert second.start_step == 5
     second.fit()
     assert losses(run) == losses(straight)  # bit-identical, all 10 steps
@@ -93,7 +94,7 @@ def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path, tokens, s
 
 def test_names_rotation_and_kept_steps(tmp_path, tokens):
     run = tmp_path / "run"
-    Trainer(compose_config(overrides(run, tokens, "trainer.save_interval=2", "trainer.keep_last=2",
+    Trainer(load_config(overrides(run, tokens, "trainer.save_interval=2", "trainer.keep_last=2",
                                      "trainer.keep_steps=[4]", "trainer.stage=2", "trainer.ingredient=3"))).fit()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "stage2-ingredient3-step10-tokens0B", "stage2-ingredient3-step4-tokens0B",
@@ -106,7 +107,7 @@ def test_names_rotation_and_kept_steps(tmp_path, tokens):
 def test_load_path_with_reset_trainer_state_takes_weights_only(tmp_path, tokens, straight):
     source = straight / "checkpoints" / "latest"
     run = tmp_path / "run"
-    trainer = Trainer(compose_config(overrides(run, tokens, f"load_path={source}", "reset_trainer_state=true",
+    trainer = Trainer(load_config(overrides(run, tokens, f"load_path={source}", "reset_trainer_state=true",
                                                "trainer.max_steps=3")))
     assert trainer.start_step == 0 and trainer.optimizer.step_count == 0
     assert all(float(m.abs().max()) == 0 for m in trainer.optimizer.exp_avg)
@@ -118,9 +119,9 @@ def test_load_path_with_reset_trainer_state_takes_weights_only(tmp_path, tokens,
 
 def test_load_path_without_reset_continues_the_run(tmp_path, tokens, straight):
     source = straight.parent / "five"
-    Trainer(compose_config(overrides(source, tokens, "trainer.stop_at=5"))).fit()
+    Trainer(load_config(overrides(source, tokens, "trainer.stop_at=5"))).fit()
     run = tmp_path / "run"
-    trainer = Trainer(compose_config(overrides(run, tokens, f"load_path={source}")))  # a run dir works too
+    trainer = Trainer(load_config(overrides(run, tokens, f"load_path={source}")))  # a run dir works too
     assert trainer.start_step == 5
     trainer.fit()
     assert losses(run) == losses(straight)[5:]
@@ -128,10 +129,10 @@ def test_load_path_without_reset_continues_the_run(tmp_path, tokens, straight):
 
 def test_checkpoint_errors(tmp_path, tokens, straight):
     with pytest.raises(MegolmoConfigError, match="load_path=/does/not/exist: no such checkpoint"):
-        Trainer(compose_config(overrides(tmp_path / "a", tokens, "load_path=/does/not/exist")))
+        Trainer(load_config(overrides(tmp_path / "a", tokens, "load_path=/does/not/exist")))
     with pytest.raises(MegolmoConfigError, match=r"tensor model\.embed_tokens\.weight has shape \[300, 128\] "
                                                  r"but the model expects \[300, 64\]"):
-        Trainer(compose_config(overrides(tmp_path / "b", tokens, f"load_path={straight}", "model.hidden_size=64",
+        Trainer(load_config(overrides(tmp_path / "b", tokens, f"load_path={straight}", "model.hidden_size=64",
                                          "model.intermediate_size=96", "reset_trainer_state=true")))
     damaged = tmp_path / "damaged"
     import shutil
@@ -139,7 +140,7 @@ def test_checkpoint_errors(tmp_path, tokens, straight):
     shard = next(damaged.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(MegolmoConfigError, match=f"shard {shard} is truncated"):
-        Trainer(compose_config(overrides(tmp_path / "c", tokens, f"load_path={damaged}")))
+        Trainer(load_config(overrides(tmp_path / "c", tokens, f"load_path={damaged}")))
     shard.unlink()
     with pytest.raises(MegolmoConfigError, match=f"shard {shard} is missing"):
-        Trainer(compose_config(overrides(tmp_path / "d", tokens, f"load_path={damaged}")))
+        Trainer(load_config(overrides(tmp_path / "d", tokens, f"load_path={damaged}")))

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels import available
 from megolmo.kernels.apply import apply_kernels
@@ -19,7 +20,7 @@ from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import compose_config, run_entry_point
+from tests.helpers import run_entry_point
 from tests.test_trainer import tiny_overrides
 
 CPU = torch.device("cpu")
@@ -153,7 +154,7 @@ def test_plain_torch_choice_leaves_the_model_as_built():
 
 def test_summary_reports_the_kernels_used(tmp_path):
     tokens = write_tokens(tmp_path / "t.npy", 20_000, 300)
-    trainer = Trainer(compose_config(tiny_overrides(tmp_path, tokens, "trainer.max_steps=1", "optim.warmup_steps=0")))
+    trainer = Trainer(load_config(tiny_overrides(tmp_path, tokens, "trainer.max_steps=1", "optim.warmup_steps=0")))
     trainer.fit()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["kernels"] == json.loads(json.dumps(trainer.kernels.to_dict()))
@@ -167,7 +168,7 @@ def test_summary_reports_the_kernels_used(tmp_path):
 def test_gpu_bf16_loss_matches_cpu_fp32(tmp_path):
     """On the GPU (NCCL-free single rank, bf16, flash SDPA) the tiny model's losses track CPU fp32."""
     tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
-    gpu = Trainer(compose_config(tiny_overrides(tmp_path / "gpu", tokens, "precision=bf16", "optim.lr=1e-3")))
+    gpu = Trainer(load_config(tiny_overrides(tmp_path / "gpu", tokens, "precision=bf16", "optim.lr=1e-3")))
     assert gpu.ps.device.type == "cuda" and gpu.kernels.attention in ("flash-sdpa", "flash-attn",
                                                                       "te-dot-product-attention")
     gpu_records = gpu.fit()
@@ -193,7 +194,7 @@ def test_gpu_fp8_trains_fifty_steps_without_nan(tmp_path, backend, recipe):
     if backend == "auto" and recipe == "delayed" and available.transformer_engine_unavailable():
         pytest.skip(f"delayed scaling needs Transformer Engine: {available.transformer_engine_unavailable()}")
     tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
-    trainer = Trainer(compose_config(tiny_overrides(
+    trainer = Trainer(load_config(tiny_overrides(
         tmp_path, tokens, "precision=fp8", f"model.backend={backend}", f"fp8.recipe={recipe}",
         "fp8.bf16_first_last=true", "trainer.max_steps=50", "optim.lr=1e-3")))
     assert trainer.kernels.fp8 in ("te-delayed", "te-current", "torchao-tensorwise")
@@ -205,7 +206,7 @@ def test_gpu_transformer_engine_matches_torch_and_their_checkpoints_interchange(
     tokens = write_tokens(tmp_path / "t.npy", 60_000, 300)
 
     def run(name: str, backend: str, *extra: str):
-        trainer = Trainer(compose_config(tiny_overrides(tmp_path / name, tokens, "precision=bf16", "optim.lr=1e-3",
+        trainer = Trainer(load_config(tiny_overrides(tmp_path / name, tokens, "precision=bf16", "optim.lr=1e-3",
                                                         f"model.backend={backend}", "trainer.max_steps=10",
                                                         "trainer.save_interval=5", "trainer.keep_steps=[5]", *extra)))
         return trainer, trainer.fit()

@@ -135,7 +135,7 @@ def test_trainer_saves_and_restores_module_state_for_an_exact_resume(tmp_path, m
     import megolmo.step.chunks
     from megolmo.trainer import Trainer
     from tests.conftest import write_tokens
-    from tests.helpers import compose_config
+    from megolmo.config import load_config
 
     prepare = megolmo.step.chunks.prepare_model
 
@@ -148,7 +148,7 @@ def test_trainer_saves_and_restores_module_state_for_an_exact_resume(tmp_path, m
     tokens = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
 
     def run(name: str, *extra: str) -> list[float]:
-        cfg = compose_config([f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
+        cfg = load_config([f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
                               "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.max_steps=6",
                               "optim.lr=2e-3", "optim.warmup_steps=2", f"trainer.run_dir={tmp_path / name}",
                               "trainer.log_interval=100", *extra])

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from megolmo.config import load_config
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, compose_config, free_port
+from tests.helpers import ROOT, free_port
 from tests.slurm_cluster import SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -51,7 +52,7 @@ def test_sbatch_trains_on_two_tasks_like_one_process(cluster, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["layout"]["world_size"] == 2 and summary["layout"]["data"] == 2
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    single = Trainer(compose_config(overrides(tokens, f"trainer.run_dir={tmp_path / 'single'}"))).fit()
+    single = Trainer(load_config(overrides(tokens, f"trainer.run_dir={tmp_path / 'single'}"))).fit()
     assert losses == pytest.approx([r.loss for r in single], rel=1e-5)
 
 

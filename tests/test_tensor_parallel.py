@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from megolmo.benchmarks.tensor_parallel import analytic_block_collectives, analytic_step_collectives
+from megolmo.config import load_config
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, compose_config, free_port
+from tests.helpers import ROOT, free_port
 from tests.workers.tensor_parallel import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT,
                                            bf16_float8_model, hf_batch, load_global, random_global_weights,
                                            train_overrides)
@@ -54,7 +55,7 @@ def results(workdir) -> dict:
 @pytest.fixture(scope="module")
 def reference(workdir) -> list:
     """TP=1, one process: the trainer on the same config, seed and data."""
-    trainer = Trainer(compose_config(train_overrides(str(workdir / "tokens.npy"), str(workdir / "ref"), 1, False)))
+    trainer = Trainer(load_config(train_overrides(str(workdir / "tokens.npy"), str(workdir / "ref"), 1, False)))
     return [trainer.train_step(step) for step in range(STEPS)]
 
 
@@ -79,7 +80,7 @@ def test_ten_steps_match_single_process(results, reference, tp, sp):
 
 def test_bf16_tp2_with_sp_tracks_single_process_bf16(results, workdir, reference):
     """bf16 sums in another order across TP ranks, so the match is to bf16 accuracy, not 1e-4."""
-    single = Trainer(compose_config(train_overrides(str(workdir / "tokens.npy"), str(workdir / "ref_bf16"), 1, False)
+    single = Trainer(load_config(train_overrides(str(workdir / "tokens.npy"), str(workdir / "ref_bf16"), 1, False)
                                     + ["precision=bf16"]))
     single_losses = [single.train_step(step).loss for step in range(STEPS)]
     run = results["train_bf16"]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
+from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import compose_config, run_entry_point
+from tests.helpers import run_entry_point
 
 
 def tiny_overrides(tmp_path, tokens: str, *extra: str) -> list[str]:
@@ -25,7 +26,7 @@ def tokens(tmp_path) -> str:
 
 
 def test_run_directory_and_falling_loss(tmp_path, tokens):
-    records = Trainer(compose_config(tiny_overrides(tmp_path, tokens))).fit()
+    records = Trainer(load_config(tiny_overrides(tmp_path, tokens))).fit()
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 31))
@@ -43,8 +44,8 @@ def test_run_directory_and_falling_loss(tmp_path, tokens):
 def test_bf16_tracks_fp32(tmp_path, tokens):
     # lr 1e-3 is above OLMo 2's peak rates (4e-4 to 9e-4) yet keeps bf16 rounding from dominating
     # the comparison, as it does at the 3e-3 the other tests use to learn fast.
-    fp32 = Trainer(compose_config(tiny_overrides(tmp_path / "a", tokens, "optim.lr=1e-3"))).fit()
-    bf16 = Trainer(compose_config(tiny_overrides(tmp_path / "b", tokens, "optim.lr=1e-3", "precision=bf16"))).fit()
+    fp32 = Trainer(load_config(tiny_overrides(tmp_path / "a", tokens, "optim.lr=1e-3"))).fit()
+    bf16 = Trainer(load_config(tiny_overrides(tmp_path / "b", tokens, "optim.lr=1e-3", "precision=bf16"))).fit()
     assert len(bf16) == 30
     for a, b in zip(fp32, bf16):
         assert np.isfinite(b.loss)
@@ -52,8 +53,8 @@ def test_bf16_tracks_fp32(tmp_path, tokens):
 
 
 def test_stop_at_ends_early_without_changing_the_schedule(tmp_path, tokens):
-    full = Trainer(compose_config(tiny_overrides(tmp_path / "a", tokens))).fit()
-    early = Trainer(compose_config(tiny_overrides(tmp_path / "b", tokens, "trainer.stop_at=10"))).fit()
+    full = Trainer(load_config(tiny_overrides(tmp_path / "a", tokens))).fit()
+    early = Trainer(load_config(tiny_overrides(tmp_path / "b", tokens, "trainer.stop_at=10"))).fit()
     assert len(early) == 10
     assert [r.lr for r in early] == [r.lr for r in full[:10]]
     assert [r.loss for r in early] == [r.loss for r in full[:10]]
@@ -72,7 +73,7 @@ def test_stop_at_ends_early_without_changing_the_schedule(tmp_path, tokens):
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, tokens, override, culprit):
     with pytest.raises(MegolmoConfigError, match=culprit.replace("(", r"\(").replace(".", r"\.")):
-        Trainer(compose_config(tiny_overrides(tmp_path, tokens, override))).fit()
+        Trainer(load_config(tiny_overrides(tmp_path, tokens, override))).fit()
 
 
 def test_entry_point_prints_one_line_and_exits_2(tmp_path, tokens):
@@ -91,9 +92,9 @@ def test_entry_point_trains_and_reports(tmp_path, tokens):
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tokens):
-    plain = Trainer(compose_config(tiny_overrides(tmp_path / "a", tokens, "trainer.max_steps=5",
+    plain = Trainer(load_config(tiny_overrides(tmp_path / "a", tokens, "trainer.max_steps=5",
                                                   "optim.warmup_steps=1"))).fit()
-    recomputed = Trainer(compose_config(tiny_overrides(tmp_path / "b", tokens, "trainer.max_steps=5",
+    recomputed = Trainer(load_config(tiny_overrides(tmp_path / "b", tokens, "trainer.max_steps=5",
                                                        "optim.warmup_steps=1",
                                                        "model.activation_checkpointing=true"))).fit()
     for a, b in zip(plain, recomputed, strict=True):
@@ -105,8 +106,8 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path, tokens):
     """``trainer.compile=true`` (each block, and at TP=1 the loss, through torch.compile) changes speed,
     not the losses."""
     common = ("trainer.max_steps=3", "optim.warmup_steps=0", "model.num_hidden_layers=2")
-    eager = Trainer(compose_config(tiny_overrides(tmp_path / "eager", tokens, *common))).fit()
-    compiled_trainer = Trainer(compose_config(tiny_overrides(tmp_path / "compiled", tokens, "trainer.compile=true",
+    eager = Trainer(load_config(tiny_overrides(tmp_path / "eager", tokens, *common))).fit()
+    compiled_trainer = Trainer(load_config(tiny_overrides(tmp_path / "compiled", tokens, "trainer.compile=true",
                                                              *common)))
     assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
                for block in compiled_trainer.chunks[0].model.layers.values())

@@ -25,14 +25,12 @@ MODEL = ["model.num_hidden_layers=8", "model.hidden_size=1024", "model.intermedi
 
 
 def _config(tokens: str, run_dir: Path):
-    sys.path.insert(0, str(ROOT))
-    from hydra import compose, initialize_config_dir
+    from megolmo.config import load_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=[
-            *MODEL, f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=64", "trainer.max_steps=1",
-            f"trainer.global_batch_size={os.environ.get('WORLD_SIZE', '1')}",
-            "trainer.micro_batch_size=1", "parallel.distributed_optimizer=true", f"trainer.run_dir={run_dir}"])
+    return load_config([
+        *MODEL, f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=64", "trainer.max_steps=1",
+        f"trainer.global_batch_size={os.environ.get('WORLD_SIZE', '1')}",
+        "trainer.micro_batch_size=1", "parallel.distributed_optimizer=true", f"trainer.run_dir={run_dir}"])
 
 
 def worker(tokens: str, run_dir: Path, out: Path) -> None:

@@ -267,23 +267,16 @@ def trainer_overrides(s: TPBenchSettings, tp: int, sp: bool, tokens: Path, run_d
             f"parallel.timeout_s={s.timeout_s}"]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from megolmo.train import CONF_DIR
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def _rank_main(rank: int, world: int, port: int, settings: TPBenchSettings, sp: bool, workdir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(settings.threads))
     torch.set_num_threads(settings.threads)
+    from megolmo.config import load_config
     from megolmo.parallel.state import shutdown
     from megolmo.trainer import Trainer
 
     work = Path(workdir)
-    trainer = Trainer(compose(trainer_overrides(settings, world, sp, work / "tokens.npy", work / f"run{world}")))
+    trainer = Trainer(load_config(trainer_overrides(settings, world, sp, work / "tokens.npy", work / f"run{world}")))
     tp_ranks = tuple(range(world))
     times, losses = [], []
     counted: list[Collective] = []

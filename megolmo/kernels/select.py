@@ -22,9 +22,8 @@ import torch
 
 from megolmo.errors import MegolmoConfigError
 from megolmo.kernels.available import Availability
-from megolmo.model.config import ModelConfig
+from megolmo.model.config import BACKENDS, ModelConfig
 
-BACKENDS = ("auto", "te", "torch")
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "current")
 

@@ -1,7 +1,7 @@
 """OLMo 2 architecture hyper-parameters, named like transformers' ``Olmo2Config`` fields."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,24 +12,33 @@ from megolmo.errors import MegolmoConfigError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+BACKENDS = ("auto", "te", "torch")
+
+
+def about(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A field with one line of help, shown by ``docs/config.md``."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "custom"
-    vocab_size: int = 100352
-    hidden_size: int = 2048
-    intermediate_size: int = 8192
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 16
-    rope_theta: float = 500000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
-    initializer_range: float = 0.02
-    eos_token_id: int = 100257
-    pad_token_id: int | None = 100277
-    vocab_pad_multiple: int = 128
-    activation_checkpointing: bool = False
-    backend: str = "auto"
+    name: str = about("custom", "the architecture's name (run directories are named after it)")
+    vocab_size: int = about(100352, "embedding rows (OLMo 2 pads the dolma2 tokenizer's 100278 to 100352)")
+    hidden_size: int = about(2048, "model width")
+    intermediate_size: int = about(8192, "SwiGLU hidden width")
+    num_hidden_layers: int = about(16, "transformer blocks")
+    num_attention_heads: int = about(16, "query heads")
+    num_key_value_heads: int = about(16, "key/value heads (fewer than query heads: grouped-query attention)")
+    rope_theta: float = about(500000.0, "RoPE base frequency")
+    rms_norm_eps: float = about(1e-6, "RMSNorm epsilon")
+    max_position_embeddings: int = about(4096, "longest sequence the model is built for")
+    initializer_range: float = about(0.02, "standard deviation of the initial weights")
+    eos_token_id: int = about(100257, "end-of-document token (dolma2: 100257)")
+    pad_token_id: int | None = about(100277, "padding token (dolma2: 100277)")
+    vocab_pad_multiple: int = about(128, "the vocabulary is padded to a multiple of this (tensor-parallel splits)")
+    activation_checkpointing: bool = about(False, "recompute each block's activations in backward (saves memory)")
+    backend: str = about("auto", "kernels: auto (Transformer Engine where available), te, torch",
+                         BACKENDS)
 
     @property
     def head_dim(self) -> int:

@@ -12,7 +12,7 @@ import sys
 from megolmo.optim import grad_sync
 from megolmo.parallel.state import shutdown
 from megolmo.trainer import Trainer
-from tests.helpers import compose_config
+from megolmo.config import load_config
 
 counted: list[tuple[str, int]] = []
 
@@ -31,7 +31,7 @@ grad_sync.reduce_scatter = _counting("reduce_scatter", grad_sync.reduce_scatter)
 
 if __name__ == "__main__":
     out_path, overrides = sys.argv[1], sys.argv[2:]
-    trainer = Trainer(compose_config(overrides))
+    trainer = Trainer(load_config(overrides))
     trainer.fit()
     if trainer.ps.is_main:
         events, buffers = trainer.step_fn.grad_sync.events, trainer.step_fn.buffers

@@ -208,21 +208,21 @@ def case_block(groups, rank: int) -> dict:
 def case_train_bf16(out: Path, tokens: str) -> dict:
     """TP=2 with SP (DP=2) in bf16: the layout GPU runs use, against the bf16 single-process run."""
     from megolmo.trainer import Trainer
-    from tests.helpers import compose_config
+    from megolmo.config import load_config
 
-    trainer = Trainer(compose_config(train_overrides(tokens, str(out / "run_bf16"), 2, True) + ["precision=bf16"]))
+    trainer = Trainer(load_config(train_overrides(tokens, str(out / "run_bf16"), 2, True) + ["precision=bf16"]))
     records = [trainer.train_step(step) for step in range(STEPS)]
     return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
 
 
 def case_train(rank: int, out: Path, tokens: str) -> dict:
     from megolmo.trainer import Trainer
-    from tests.helpers import compose_config
+    from megolmo.config import load_config
 
     result = {}
     for size, sp in TRAIN_LAYOUTS:
         key = f"{size}_{int(sp)}"
-        trainer = Trainer(compose_config(train_overrides(tokens, str(out / f"run_{key}"), size, sp)))
+        trainer = Trainer(load_config(train_overrides(tokens, str(out / f"run_{key}"), size, sp)))
         model = trainer.chunks[0]  # PP=1: one chunk holding the whole model
         tp = model.tp
         initial = gather_global(model, tp)

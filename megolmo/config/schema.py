@@ -1,0 +1,137 @@
+"""The typed schema of megolmo's config: one dataclass per Hydra group, each field with its type, default
+and one line of help.
+
+Hydra merges every YAML file of ``conf/`` and every command-line override into these types, so a value of
+the wrong type fails while composing; ``megolmo.config.load`` refuses keys the schema does not name. The
+defaults of ``data``, ``optim``, ``parallel`` and ``trainer`` live here alone (they are those groups'
+``default``/``adamw`` options); the model sizes live in ``conf/model/*.yaml``. ``docs/config.md`` is
+generated from this module (``python -m megolmo.config --markdown``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from megolmo.data.token_file import TOKEN_DTYPES
+from megolmo.kernels.select import FP8_RECIPES, PRECISIONS
+from megolmo.model.config import ModelConfig
+from megolmo.optim.schedule import SCHEDULES as LR_SCHEDULES
+from megolmo.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES
+
+
+def setting(default: Any, help: str, choices: typing.Iterable[str] = ()) -> Any:
+    """A schema field: its default, one line of help, and for string fields the accepted values."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _model_section() -> type:
+    """The ``model`` group's schema: ``ModelConfig``'s fields (named like ``Olmo2Config``'s), but mutable,
+    since Hydra writes the overrides into it."""
+    hints = typing.get_type_hints(ModelConfig)
+    return dataclasses.make_dataclass("ModelSection", [
+        (f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(ModelConfig)])
+
+
+ModelSection = _model_section()
+
+
+@dataclass
+class DataSection:
+    paths: list[str] = setting([], "token files: raw 1-D memmaps (uint16 or uint32), EOS-separated documents")
+    label_mask_paths: list[str] = setting(
+        [], "optional, one per path: one byte per token, 1 = the token is a training label (SFT)")
+    weights: list[float] | None = setting(None, "mixture weights, one per path (default: proportional to size)")
+    seq_len: int = setting(4096, "tokens per training instance")
+    dtype: str = setting("uint32", "token id type of the files", TOKEN_DTYPES)
+    seed: int = setting(0, "the global data order; identical for every parallel layout")
+
+
+@dataclass
+class OptimSection:
+    lr: float = setting(4.0e-4, "peak learning rate")
+    betas: list[float] = setting([0.9, 0.95], "AdamW's beta1, beta2")
+    eps: float = setting(1.0e-8, "AdamW's epsilon")
+    weight_decay: float = setting(0.1, "decoupled weight decay, on everything but the embeddings")
+    warmup_steps: int = setting(0, "linear warm-up from 0 to optim.lr over this many steps")
+    schedule: str = setting("cosine", "after warm-up: cosine (to final_lr_ratio x lr), linear (to zero), constant",
+                            LR_SCHEDULES)
+    final_lr_ratio: float = setting(0.1, "the cosine schedule's final learning rate, as a fraction of optim.lr")
+    clip_grad_norm: float = setting(1.0, "global gradient-norm clipping threshold; <= 0 disables clipping")
+    z_loss: float = setting(1.0e-5, "weight of the z-loss, mean(logsumexp^2) over loss-bearing tokens")
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = setting(1, "tensor-parallel ranks (heads, kv heads and intermediate size divisible by it)")
+    pipeline: int = setting(1, "pipeline stages")
+    virtual_pipeline: int = setting(1, "model chunks per pipeline rank (interleaved and zbv schedules)")
+    pipeline_schedule: str | None = setting(
+        None, "pipeline schedule; default 1f1b, interleaved_1f1b with virtual_pipeline > 1", PIPELINE_SCHEDULES)
+    pipeline_layers: list[int] | None = setting(None, "explicit (uneven) layer split over the chunks, e.g. [3, 2]")
+    sequence_parallel: bool = setting(False, "norms and residuals on sequence shards (needs parallel.tensor > 1)")
+    distributed_optimizer: bool = setting(
+        False, "ZeRO-1: shard fp32 master weights and Adam states over data-parallel ranks")
+    overlap_grad_reduce: bool = setting(True, "launch each bucket's reduction as soon as its gradients are final")
+    bucket_size: int = setting(40_000_000, "elements per data-parallel gradient bucket")
+    timeout_s: int = setting(600, "process-group timeout: a failed rank ends the job within this time")
+
+
+@dataclass
+class TrainerSection:
+    global_batch_size: int = setting(8, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = setting(4, "sequences per forward/backward on one rank")
+    max_steps: int = setting(100, "the schedule's horizon: the job trains up to this step")
+    stop_at: int | None = setting(None, "end this job after this step (after a save) without changing the schedule")
+    seed: int = setting(1234, "model initialisation")
+    run_dir: str | None = setting(None, "default: runs/<model>-<timestamp>, chosen once for all ranks")
+    save_interval: int = setting(1000, "a checkpoint every this many steps, and one at the end of the job")
+    keep_last: int = setting(2, "complete checkpoints kept (plus trainer.keep_steps)")
+    keep_steps: list[int] = setting([], "checkpoints at these steps are never pruned")
+    log_interval: int = setting(1, "print a step line every this many steps")
+    compile: bool = setting(False, "torch.compile each transformer block (fuses norms, RoPE, SwiGLU)")
+    peak_tflops: float | None = setting(None, "per-device peak for MFU; default: known GPUs, none on CPUs")
+    profile_steps: list[int] = setting([], "steps whose pipeline timeline is written into the run directory")
+    stage: int = setting(1, "names checkpoints stage{stage}-...")
+    ingredient: int | None = setting(None, "stage-2 ingredient number: stage2-ingredient{K}-step...")
+
+
+@dataclass
+class Fp8Section:
+    recipe: str = setting("delayed", "Transformer Engine's scaling: delayed or current (torchao needs current)",
+                          FP8_RECIPES)
+    bf16_first_last: bool = setting(False, "keep the first and the last transformer block in BF16")
+
+
+@dataclass
+class MegolmoConfig:
+    model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    precision: str = setting("fp32", "compute precision; master weights and reductions stay fp32", PRECISIONS)
+    fp8: Fp8Section = field(default_factory=Fp8Section)
+    load_path: str | None = setting(None, "start from this megolmo checkpoint (its architecture comes with it)")
+    reset_trainer_state: bool = setting(
+        False, "with load_path: take only the weights (fresh optimizer, step 0, data from the start)")
+
+
+GROUP_DEFAULTS = {"data": ("default", DataSection), "optim": ("adamw", OptimSection),
+                  "parallel": ("default", ParallelSection), "trainer": ("default", TrainerSection)}
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore: the root (``megolmo_schema``, first in ``conf/config.yaml``'s
+    defaults) and the groups' default options."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="megolmo_schema", node=MegolmoConfig)
+    for group, (name, section) in GROUP_DEFAULTS.items():
+        store.store(group=group, name=name, node=section)
