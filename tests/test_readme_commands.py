@@ -33,3 +33,27 @@ def test_the_readme_names_tool_options():
 def test_tool_option_exists(tool, sub, flag):
     assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text(tool, sub)), \
         f"README: tools/{tool}.py {sub} has no option {flag}"
+
+
+def training_commands() -> list[list[str]]:
+    """The overrides of every ``megolmo.train`` and ``slurm/train.sbatch`` command in the README's code blocks, less placeholders
+    (``...``, shell variables) that only a user can fill in."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    commands = []
+    for block in blocks:
+        for command in block.replace("\\\n", " ").splitlines():
+            parts = re.split(r"megolmo\.train|slurm/train\.sbatch", command.split("#", 1)[0], maxsplit=1)
+            if len(parts) < 2:
+                continue
+            words = parts[1].split()
+            commands.append([w for w in words if "=" in w and "..." not in w and "$" not in w and "(" not in w])
+    return commands
+
+
+def test_the_readme_training_commands_are_valid_configs():
+    from megolmo.config import load_config
+
+    commands = training_commands()
+    assert len(commands) >= 6
+    for overrides in commands:
+        load_config(overrides)  # raises a one-line MegolmoConfigError naming a stale key
