@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog, MetricsFile, PipelineTimeline,
-                               RunSummary, StepRecord)
+                               RunSummary, StepRecord, StopRequest, StopRequests)
+from megolmo.callbacks.stop_requests import parse_duration, process_started
 from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
 from megolmo.data.loader import GlobalBatchLoader, build_loader
 from megolmo.errors import MegolmoConfigError
@@ -26,6 +27,7 @@ from megolmo.optim.adamw import AdamWSettings
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.parallel.agree import agree_on_errors
 from megolmo.parallel.bootstrap import discover
+from megolmo.parallel.collectives import barrier, world_group
 from megolmo.parallel.state import check_layout, initialize
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
@@ -51,12 +53,14 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
 
 def default_callbacks(cfg: DictConfig, pipelined: bool) -> list[Callback]:
     """In call order: the summary first (written before step 1), the timeline before the step's metrics,
-    the checkpoint last (after the step is logged)."""
+    the stop decision before the checkpoint, the checkpoint last (after the step is logged)."""
     t = cfg.trainer
     callbacks: list[Callback] = [RunSummary()]
     if pipelined:
         callbacks.append(PipelineTimeline(list(t.profile_steps)))
-    return callbacks + [MetricsFile(), ConsoleLog(t.log_interval), Checkpointing(t.save_interval)]
+    time_limit = parse_duration(t.time_limit) if t.time_limit is not None else None
+    return callbacks + [MetricsFile(), ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
+                        Checkpointing(t.save_interval)]
 
 
 class Trainer:
@@ -77,6 +81,8 @@ class Trainer:
         if self.load_path is not None and not self.load_path.exists():
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
         check_start_point(t.run_dir, self.load_path, bool(cfg.reset_trainer_state), t.max_steps, t.stop_at)
+        if t.time_limit is not None:
+            parse_duration(t.time_limit)  # a malformed limit fails now, not after the model is built
         check_model_layout(self.model_cfg, p.tensor, cfg.data.seq_len, p.sequence_parallel)
         self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(p.tensor, p.pipeline, p.timeout_s)
@@ -106,7 +112,9 @@ class Trainer:
         self.peak_flops_total = peak * self.ps.world_size if peak else None
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.records: list[StepRecord] = []
-        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1) if callbacks is None else callbacks)
+        self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
+        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1) if callbacks is None
+                                      else callbacks)
 
     def chunk_settings(self) -> ChunkSettings:
         return ChunkSettings(self.model_cfg, COMPUTE_DTYPES[self.cfg.precision], self.kernels, self.fp8,
@@ -164,7 +172,12 @@ class Trainer:
             for step in range(self.start_step, self.last_step):
                 self.records.append(self.train_step(step))
                 self.callbacks.call("on_step_end", self, self.records[-1])
+                if self.stop_request is not None:
+                    self.log(f"stopping after step {self.stop_request.step}: {self.stop_request.reason} "
+                             "(checkpoint saved)")
+                    break
             self.callbacks.call("on_end", self)
+            barrier(world_group())  # no rank exits (and makes its launcher stop the others) while one still writes
         except BaseException as error:
             self.callbacks.call("on_failure", self, error)
             raise

@@ -5,6 +5,7 @@ from megolmo.callbacks.console import ConsoleLog
 from megolmo.callbacks.metrics_file import MetricsFile
 from megolmo.callbacks.pipeline_timeline import PipelineTimeline
 from megolmo.callbacks.run_summary import RunSummary
+from megolmo.callbacks.stop_requests import PREEMPTED_EXIT_CODE, StopRequest, StopRequests
 
 __all__ = ["Callback", "CallbackError", "CallbackList", "Checkpointing", "ConsoleLog", "MetricsFile",
-           "PipelineTimeline", "RunSummary", "StepRecord"]
+           "PREEMPTED_EXIT_CODE", "PipelineTimeline", "RunSummary", "StepRecord", "StopRequest", "StopRequests"]

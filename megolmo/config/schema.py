@@ -88,6 +88,8 @@ class TrainerSection:
     micro_batch_size: int = setting(4, "sequences per forward/backward on one rank")
     max_steps: int = setting(100, "the schedule's horizon: the job trains up to this step")
     stop_at: int | None = setting(None, "end this job after this step (after a save) without changing the schedule")
+    time_limit: str | None = setting(
+        None, "end this job with a save before this wall-clock budget runs out (e.g. 3h50m; counted from start-up)")
     seed: int = setting(1234, "model initialisation")
     run_dir: str | None = setting(None, "default: runs/<model>-<timestamp>, chosen once for all ranks")
     save_interval: int = setting(1000, "a checkpoint every this many steps, and one at the end of the job")
