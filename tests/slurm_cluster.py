@@ -28,6 +28,7 @@ def _config(root: Path, host: str) -> str:
     return "\n".join([
         "ClusterName=megolmo-test", f"SlurmctldHost={host}", f"SlurmctldPort={free_port()}",
         f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
+        "AuthInfo=cred_expire=5",  # a requeued job waits out the credential lifetime (default 120 s)
         f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
         f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
         f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd.log",

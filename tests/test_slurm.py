@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,46 @@ def test_a_bad_config_fails_the_job_with_one_line(cluster, tmp_path):
     errors = [line for line in log.splitlines() if line.startswith("megolmo: error:")]
     assert errors == ["megolmo: error: world size 2 is not divisible by parallel.tensor=3 x parallel.pipeline=1"], log
     assert not (tmp_path / "run").exists()
+
+
+def job_state(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=cluster.env, capture_output=True, text=True)
+    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+
+def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path):
+    """Preemption: USR1 to the batch shell mid-run -> every task saves after the same step and exits 75 ->
+    the script requeues the job -> the requeued job (restart 1) resumes from latest and ends as an
+    uninterrupted job does."""
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    args = overrides(tokens, "trainer.max_steps=40", "trainer.save_interval=1000")
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    proc, log = sbatch(cluster, straight_dir, args)
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port())}
+    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else job_state(cluster, job_id)
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster.env, check=True)
+    while (state := job_state(cluster, job_id)).get("JobState") != "COMPLETED" or state.get("Restarts") != "1":
+        assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT") and time.monotonic() < deadline + 120, \
+            (state, out.read_text())
+        time.sleep(0.2)
+    log = out.read_text()
+    print(f"signal -> job completed after requeue: {time.monotonic() - signalled:.1f} s\n{log}")
+    assert "restart 0" in log and "restart 1" in log and f"requeueing job {job_id}" in log, log
+    stopped = int(re.search(r"stopping after step (\d+): SIGUSR1", log).group(1))
+    assert 3 <= stopped < 40 and f"starting at step {stopped} from" in log, log
+    losses = [json.loads(line)["loss"] for line in metrics.open()]
+    assert losses == [json.loads(line)["loss"] for line in (straight_dir / "run" / "metrics.jsonl").open()]
