@@ -27,6 +27,7 @@ def run(overrides: list[str]) -> None:
     closed connections fail the peers' pending collectives, and the peers exit with a one-line notice.
     """
     from megolmo.config import load_config
+    from megolmo.errors import RendezvousError
     from megolmo.parallel.bootstrap import discover
     from megolmo.parallel.state import shutdown
     from megolmo.start_point import RunFinished
@@ -45,6 +46,11 @@ def run(overrides: list[str]) -> None:
             print(line, file=sys.stderr, flush=True)
         report_failure(line)
         exit_code = 2
+    except RendezvousError as error:  # each rank finds it out on its own: no peer to blame, none to wait for
+        line = f"megolmo: rank {rank}: error: {error}"
+        print(line, file=sys.stderr, flush=True)
+        report_failure(line)
+        exit_code = 1
     except Exception as error:  # noqa: BLE001 - the last line of defence for a multi-rank job
         peer_failed = is_peer_failure(error) or is_peer_failure(error.__cause__)
         if peer_failed:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 DEFAULT_PORT = 29500
+DEFAULT_ADDR = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,19 @@ class LaunchInfo:
     master_addr: str
     master_port: int
     launcher: str
+    addr_source: str = "default"  # the variable that set master_addr: a wrong address is fixed where it was set
+    port_source: str = "default"
+
+    def rendezvous_origin(self) -> str:
+        """Which variable set the address and which the port, e.g. ``MASTER_ADDR=n1, MASTER_PORT=29500``."""
+        addr = {"default": f"{self.master_addr} by default (no address variable set)",
+                "SLURM_JOB_NODELIST": f"{self.master_addr}, the first host of SLURM_JOB_NODELIST",
+                }.get(self.addr_source, f"{self.addr_source}={self.master_addr}")
+        port = f"MASTER_PORT={self.master_port}" if self.port_source == "MASTER_PORT" else \
+            f"port {self.master_port} by default (no MASTER_PORT set)"
+        if self.launcher == "torchrun":
+            return f"{addr}, {port} set by torchrun --master-addr/--master-port or the environment"
+        return f"{addr}, {port}"
 
 
 def first_host(nodelist: str) -> str:
@@ -38,26 +52,36 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _address(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
+    """(address, variable) from the first of ``names`` that is set, else the loopback default."""
+    for name in names:
+        if env.get(name):
+            return (first_host(env[name]) if name == "SLURM_JOB_NODELIST" else env[name]), name
+    return DEFAULT_ADDR, "default"
+
+
 def discover(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """Read the launcher's variables; torchrun's take precedence since it may run inside Slurm."""
     env = os.environ if env is None else env
-    port = int(env.get("MASTER_PORT", DEFAULT_PORT))
+    port_source = "MASTER_PORT" if env.get("MASTER_PORT") else "default"
+    port = int(env["MASTER_PORT"]) if port_source == "MASTER_PORT" else DEFAULT_PORT
+
+    def info(rank, world_size, local_rank, launcher: str, *addr_names: str) -> LaunchInfo:
+        addr, addr_source = _address(env, addr_names)
+        return LaunchInfo(int(rank), int(world_size), int(local_rank), addr, port, launcher, addr_source, port_source)
+
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                          env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
+        return info(env["RANK"], env["WORLD_SIZE"], env.get("LOCAL_RANK", 0), "torchrun", "MASTER_ADDR")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                          addr, port, "slurm")
+        return info(env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", 0), "slurm",
+                    "MASTER_ADDR", "SLURM_JOB_NODELIST")
     if "OMPI_COMM_WORLD_RANK" in env:
-        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                          env.get("MASTER_ADDR", "127.0.0.1"), port, "mpi")
+        return info(env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"],
+                    env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0), "mpi", "MASTER_ADDR")
     if "PMI_RANK" in env and "PMI_SIZE" in env:
-        local = env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0))
-        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(local),
-                          env.get("MASTER_ADDR", "127.0.0.1"), port, "mpi")
+        return info(env["PMI_RANK"], env["PMI_SIZE"], env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0)),
+                    "mpi", "MASTER_ADDR")
     if "BEAKER_REPLICA_RANK" in env and "BEAKER_REPLICA_COUNT" in env:
-        return LaunchInfo(int(env["BEAKER_REPLICA_RANK"]), int(env["BEAKER_REPLICA_COUNT"]), 0,
-                          env.get("BEAKER_LEADER_REPLICA_HOSTNAME", "127.0.0.1"), port, "beaker")
-    return LaunchInfo(0, 1, 0, "127.0.0.1", port, "single")
+        return info(env["BEAKER_REPLICA_RANK"], env["BEAKER_REPLICA_COUNT"], 0, "beaker",
+                    "BEAKER_LEADER_REPLICA_HOSTNAME")
+    return info(0, 1, 0, "single")

@@ -6,15 +6,19 @@ vary fastest so that a TP group stays inside one node.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megolmo.errors import MegolmoConfigError
+from megolmo.errors import MegolmoConfigError, RendezvousError
 from megolmo.parallel.bootstrap import LaunchInfo, discover
 
 Group = dist.ProcessGroup | None
+RETRY_S = 0.5  # between attempts to reach a rendezvous that refuses: its host may simply not have started yet
 
 
 @dataclass
@@ -96,15 +100,80 @@ def initialize(tp: int = 1, pp: int = 1, timeout_s: float = 600.0,
     if launch.world_size == 1 and not dist.is_initialized():
         return ParallelState(device=device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        reach_rendezvous(launch, timeout_s)
+        join_process_group("nccl" if device.type == "cuda" else "gloo", launch, timeout_s)
     tp_rank, dp_rank, pp_rank = layout_coordinates(launch.rank, tp, dp)
     tp_group, dp_group, pp_group, stage_group = _new_groups(launch.world_size, tp, dp, pp, launch.rank)
     return ParallelState(launch.rank, launch.world_size, launch.local_rank, tp, pp, dp,
                          tp_rank, pp_rank, dp_rank, tp_group, pp_group, dp_group, stage_group,
                          dist.group.WORLD, device)
+
+
+def hosts_store(launch: LaunchInfo) -> bool:
+    """Rank 0 hosts the rendezvous store, unless torchrun's agent already does (its workers only connect)."""
+    return launch.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def listen_in_place_of_store(launch: LaunchInfo) -> socket.socket:
+    """A listener on the store's port, so that rank 0 can check that the address leads back to this host before
+    torch starts the real store, whose client retries past its timeout, logging C++ frames at every attempt."""
+    try:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", launch.master_port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return socket.create_server(("", launch.master_port))
+    except OSError as error:
+        raise RendezvousError(f"cannot host the rendezvous on port {launch.master_port} of this host: "
+                              f"{error.strerror or error} ({launch.rendezvous_origin()}); choose a free port"
+                              ) from None
+
+
+def reach_rendezvous(launch: LaunchInfo, timeout_s: float) -> None:
+    """Connect to the rendezvous address until it answers, or raise a one-line error once ``timeout_s`` has passed.
+
+    Done here, before torch's store client, because that client overruns its timeout (up to about twice) and
+    logs each failed attempt with its C++ stack to stderr; the connection opened here is closed unused."""
+    listener = listen_in_place_of_store(launch) if hosts_store(launch) else None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                socket.create_connection((launch.master_addr, launch.master_port),
+                                         timeout=max(deadline - time.monotonic(), 0.1)).close()
+                return
+            except OSError as error:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RendezvousError(unreachable(launch, timeout_s, error.strerror or str(error))) from None
+            time.sleep(min(RETRY_S, left))
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def unreachable(launch: LaunchInfo, timeout_s: float, reason: str) -> str:
+    return (f"cannot reach the rendezvous at {launch.master_addr}:{launch.master_port} within {timeout_s:g} s "
+            f"({launch.rendezvous_origin()}; last attempt: {reason}); "
+            "check that the address is the first node's and the port is open")
+
+
+def join_process_group(backend: str, launch: LaunchInfo, timeout_s: float) -> None:
+    """``init_process_group``; its rendezvous errors are torch ``DistError`` exceptions, which the entry point
+    would take for a failed peer: raised instead as one line naming the address and where it came from."""
+    where = f"{launch.master_addr}:{launch.master_port}"
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{where}", rank=launch.rank,
+                                world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistStoreError as error:  # the store answered but some ranks never came
+        raise RendezvousError(f"not all {launch.world_size} ranks joined the rendezvous at {where} within "
+                              f"{timeout_s:g} s ({first_line(error)}; {launch.rendezvous_origin()}); "
+                              "check that every rank was given the same address and port") from error
+    except dist.DistNetworkError as error:  # it answered, but not as a store does: another service's port?
+        raise RendezvousError(f"the rendezvous at {where} answered, then failed ({first_line(error)}; "
+                              f"{launch.rendezvous_origin()})") from error
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def shutdown() -> None:
