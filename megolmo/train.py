@@ -14,6 +14,7 @@ import traceback
 import torch.distributed
 
 from megolmo.callbacks.base import CallbackError
+from megolmo.callbacks.stop_requests import PREEMPTED_EXIT_CODE
 from megolmo.errors import MegolmoConfigError
 from megolmo.launcher_report import report_failure
 
@@ -36,7 +37,7 @@ def run(overrides: list[str]) -> None:
     rank = discover().rank
     exit_code = 0
     try:
-        Trainer(load_config(overrides)).fit()
+        exit_code = fit(Trainer(load_config(overrides)))
     except RunFinished as finished:  # a requeued or retried job that has already done its work
         if rank == 0:
             print(f"megolmo: {finished}", flush=True)
@@ -68,11 +69,22 @@ def run(overrides: list[str]) -> None:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
+    if exit_code == PREEMPTED_EXIT_CODE:  # leave at once, as the ranks leave fit() together: a launcher that
+        sys.stdout.flush()                # stops the others on the first non-zero exit finds nothing to stop
+        sys.stderr.flush()
+        os._exit(exit_code)
     # Gradient hooks keep the trainer, and with it the process groups, in reference cycles: free
     # them now rather than during interpreter teardown, where stopping gloo's threads can abort.
     gc.collect()
     shutdown()
     sys.exit(exit_code)
+
+
+def fit(trainer) -> int:
+    """Train; the exit code is ``PREEMPTED_EXIT_CODE`` when a signal stopped the job early (with a
+    checkpoint), so that the launcher requeues it."""
+    trainer.fit()
+    return PREEMPTED_EXIT_CODE if trainer.stop_request is not None and trainer.stop_request.preempted else 0
 
 
 def first_line_of_root(error: BaseException) -> str:
