@@ -108,3 +108,16 @@ def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path):
     assert 3 <= stopped < 40 and f"starting at step {stopped} from" in log, log
     losses = [json.loads(line)["loss"] for line in metrics.open()]
     assert losses == [json.loads(line)["loss"] for line in (straight_dir / "run" / "metrics.jsonl").open()]
+
+
+def test_an_expired_time_limit_ends_the_job_with_a_checkpoint_and_the_next_job_continues(cluster, tmp_path):
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    args = overrides(tokens, "trainer.max_steps=40", "trainer.save_interval=1000")
+    first, log = sbatch(cluster, tmp_path, [*args, "trainer.time_limit=1s"])
+    assert first.returncode == 0, first.stderr + log[-3000:]
+    stopped = int(re.search(r"stopping after step (\d+): trainer.time_limit=1s", log).group(1))
+    assert stopped < 40 and "requeueing" not in log, log
+    second, log = sbatch(cluster, tmp_path, args)
+    assert second.returncode == 0 and f"starting at step {stopped} from" in log, second.stderr + log[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 41))
