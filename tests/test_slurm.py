@@ -86,23 +86,31 @@ def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path):
     out, run_dir = tmp_path / "job.out", tmp_path / "run"
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port())}
+    submit_time = time.monotonic()
     submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 180
     metrics = run_dir / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    first_step = None
+    while not (metrics.exists() and len(lines := metrics.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline, out.read_text() if out.exists() else job_state(cluster, job_id)
+        first_step = first_step or (time.monotonic() if metrics.exists() and metrics.read_text() else None)
         time.sleep(0.05)
     signalled = time.monotonic()
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster.env, check=True)
+    resumed_step = None
     while (state := job_state(cluster, job_id)).get("JobState") != "COMPLETED" or state.get("Restarts") != "1":
         assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT") and time.monotonic() < deadline + 120, \
             (state, out.read_text())
-        time.sleep(0.2)
+        if resumed_step is None and "restart 1" in out.read_text() and \
+                len(metrics.read_text().splitlines()) > int(re.findall(r"stopping after step (\d+)", out.read_text())[0]):
+            resumed_step = time.monotonic()
+        time.sleep(0.05)
     log = out.read_text()
-    print(f"signal -> job completed after requeue: {time.monotonic() - signalled:.1f} s\n{log}")
+    print(f"submission -> first step {first_step - submit_time:.1f} s; signal -> requeued job's first step "
+          f"{(resumed_step or time.monotonic()) - signalled:.1f} s\n{log}")
     assert "restart 0" in log and "restart 1" in log and f"requeueing job {job_id}" in log, log
     stopped = int(re.search(r"stopping after step (\d+): SIGUSR1", log).group(1))
     assert 3 <= stopped < 40 and f"starting at step {stopped} from" in log, log
