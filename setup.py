@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.48"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich", "torchao", "beaker-py>=2.8,<3"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich", "mpi4py", "torchao", "beaker-py>=2.8,<3"],
         "beaker": ["beaker-py>=2.8,<3"],
         "mpi": ["mpi4py"],
         "gpu": ["transformer-engine[pytorch]", "torchao"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from megolmo.errors import MegolmoConfigError
-from megolmo.parallel.bootstrap import discover, first_host
+from megolmo.parallel.bootstrap import agree_rendezvous, discover, first_host
 from megolmo.parallel.state import check_layout, layout_coordinates
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point
@@ -102,19 +103,67 @@ def test_bad_layout_ends_every_rank(tmp_path):
     assert "world size 2 is not divisible by parallel.tensor=3" in result.stderr
 
 
-def test_real_mpiexec_launch(tmp_path):
-    """MPICH's mpiexec (the ``mpich`` wheel of the test extra) starts the ranks; they read PMI_* variables."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    assert mpiexec.exists(), "the test extra installs mpich, which provides mpiexec"
-    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "megolmo.train",
-                             *tiny_overrides(tmp_path, tokens, "trainer.max_steps=2", "optim.warmup_steps=1")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+TWO_NODES = ["-launcher", "fork", "-hosts", "nodeA:2,nodeB:2", "-n", "4"]  # Hydra's proxies as 2 nodes of 2 ranks
+PROBE = """
+import json, pathlib, sys
+from megolmo.parallel.bootstrap import _mpi_exchange, agree_rendezvous, discover
+first, again = agree_rendezvous(discover()), agree_rendezvous(discover())
+assert first == again and _mpi_exchange.cache_info().misses == 1
+pathlib.Path(sys.argv[1], f"{first.rank}.json").write_text(json.dumps([
+    first.rank, first.local_rank, first.local_world_size, first.master_addr, first.master_port,
+    first.rendezvous_origin(), first.local_world_source]))
+"""  # each rank writes a file of its own: mpiexec interleaves the ranks' output
+
+
+def _mpi_env() -> dict[str, str]:
+    """This environment without any rendezvous variable: mpiexec alone starts the ranks."""
+    assert MPIEXEC.exists(), "the test extra installs mpich, which provides mpiexec"
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_mpiexec_ranks_agree_on_rank_zeros_host_and_port_once(tmp_path):
+    """Two Hydra proxies started locally are two nodes to MPI: local ranks 0, 1, 0, 1 from COMM_TYPE_SHARED."""
+    result = subprocess.run([str(MPIEXEC), *TWO_NODES, sys.executable, "-c", PROBE, str(tmp_path)], cwd=ROOT,
+                            env=_mpi_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["layout"]["world_size"] == 2 and summary["layout"]["data"] == 2
+    ranks = sorted(json.loads(path.read_text()) for path in tmp_path.glob("*.json"))
+    assert [(r[0], r[1], r[2]) for r in ranks] == [(0, 0, 2), (1, 1, 2), (2, 0, 2), (3, 1, 2)]
+    _, _, _, addr, port, origin, per_node = ranks[0]
+    assert addr == socket.gethostname() and all(r[3:] == ranks[0][3:] for r in ranks)
+    assert origin == (f"{addr}, the host name of MPI rank 0 broadcast with mpi4py (no MASTER_ADDR set), "
+                      f"port {port}, chosen free by MPI rank 0 and broadcast with mpi4py")
+    assert per_node == "2 ranks in MPI's COMM_TYPE_SHARED communicator"
+
+
+def test_agreement_is_only_for_mpi_launches_without_an_address(monkeypatch):
+    """Other launches never import mpi4py (importing it initialises MPI); without it, an MPI launch that needs it
+    fails in one line saying what to do."""
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    for env in ({"RANK": "0", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, {},
+                {"PMI_RANK": "0", "PMI_SIZE": "2", "MASTER_ADDR": "h"}, {"PMI_RANK": "0", "PMI_SIZE": "1"}):
+        assert agree_rendezvous(discover(env)) == discover(env)
+    with pytest.raises(MegolmoConfigError, match="^an MPI launch without MASTER_ADDR agrees on the rendezvous "
+                                                 "through mpi4py, which is not installed: pip install mpi4py"):
+        agree_rendezvous(discover({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}))
+
+
+def test_mpiexec_without_rendezvous_variables_matches_torchrun(tmp_path):
+    """``mpiexec -n 4`` over two nodes of 2 (TP 2 inside each, DP 2 across) with no MASTER_ADDR/MASTER_PORT,
+    against ``torchrun --nproc-per-node 4``."""
+    tokens = write_tokens(tmp_path / "tokens.npy", 30_000, 300)
+    common = ["trainer.max_steps=3", "optim.warmup_steps=1", "parallel.tensor=2"]
+    mpi = subprocess.run([str(MPIEXEC), *TWO_NODES, sys.executable, "-m", "megolmo.train",
+                          *tiny_overrides(tmp_path / "mpi", tokens, *common)],
+                         cwd=ROOT, env=_mpi_env(), capture_output=True, text=True, timeout=180)
+    assert mpi.returncode == 0, mpi.stderr[-3000:]
+    torchrun = run_entry_point(tiny_overrides(tmp_path / "torchrun", tokens, *common), nproc=4)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    layout = json.loads((tmp_path / "mpi" / "run" / "summary.json").read_text())["layout"]
+    assert (layout["world_size"], layout["tensor"], layout["data"]) == (4, 2, 2)
+    mpi_losses, torchrun_losses = _losses(tmp_path / "mpi" / "run"), _losses(tmp_path / "torchrun" / "run")
+    assert len(mpi_losses) == 3 and mpi_losses == pytest.approx(torchrun_losses, rel=1e-5)
 
 
 def test_an_error_only_one_rank_sees_stops_every_rank_with_one_line(tmp_path):

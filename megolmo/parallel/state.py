@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megolmo.errors import MegolmoConfigError, RendezvousError
-from megolmo.parallel.bootstrap import LaunchInfo, discover
+from megolmo.parallel.bootstrap import LaunchInfo, agree_rendezvous, discover
 
 Group = dist.ProcessGroup | None
 RETRY_S = 0.5  # between attempts to reach a rendezvous that refuses: its host may simply not have started yet
@@ -67,6 +67,16 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
+def check_node_layout(launch: LaunchInfo, tp: int) -> None:
+    """A one-line error unless this node's processes hold whole tensor-parallel groups. Launchers give each node
+    consecutive ranks (torchrun: the agents' process counts summed in node-rank order), and TP groups are
+    consecutive ranks, so divisibility on every node keeps each group inside one."""
+    if launch.local_world_size is not None and launch.local_world_size % tp:
+        raise MegolmoConfigError(
+            f"parallel.tensor={tp} does not divide the {launch.local_world_size} processes per node "
+            f"({launch.local_world_source}): a tensor-parallel group would span nodes")
+
+
 def _new_groups(world_size: int, tp: int, dp: int, pp: int, rank: int):
     """Create every group on every rank (torch requires all ranks to call new_group identically)."""
     mine = {}
@@ -91,8 +101,9 @@ def initialize(tp: int = 1, pp: int = 1, timeout_s: float = 600.0,
     The CUDA settings live here: one device per local rank. ``CUDA_DEVICE_MAX_CONNECTIONS`` is left as the
     user set it: only Transformer Engine's communication/GEMM overlap needs it at 1, and megolmo keeps
     its tensor-parallel collectives outside TE's modules."""
-    launch = launch or discover()
+    launch = agree_rendezvous(launch or discover())
     dp = check_layout(launch.world_size, tp, pp)
+    check_node_layout(launch, tp)
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
