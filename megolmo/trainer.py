@@ -100,9 +100,9 @@ class Trainer:
         except MegolmoConfigError as raised:
             error = raised
         agree_on_errors(error)
-        self.step_fn = build_train_step(self.ps, self.step_settings(), self.chunk_settings())
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
         self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps))
+        self.step_fn = build_train_step(self.ps, self.step_settings(), self.chunk_settings())
         self.start_step, self.resumed_from = self.restore()
         self.run_dir.write_config(cfg)
         self.max_steps = t.max_steps
@@ -117,9 +117,11 @@ class Trainer:
                                       else callbacks)
 
     def chunk_settings(self) -> ChunkSettings:
+        """A run that ``restore`` will start from a checkpoint builds its weights undrawn: the load fills them."""
+        fresh = self.checkpoints.latest() is None and self.load_path is None
         return ChunkSettings(self.model_cfg, COMPUTE_DTYPES[self.cfg.precision], self.kernels, self.fp8,
                              self.cfg.trainer.seed, tuple(self.layer_ranges),
-                             bool(self.cfg.parallel.sequence_parallel), bool(self.cfg.trainer.compile))
+                             bool(self.cfg.parallel.sequence_parallel), bool(self.cfg.trainer.compile), fresh)
 
     def step_settings(self) -> StepSettings:
         o, p, t = self.cfg.optim, self.cfg.parallel, self.cfg.trainer
