@@ -13,7 +13,7 @@ from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from tests.conftest import write_mask, write_tokens
 from tests.helpers import run_entry_point, run_worker, torchrun_root_cause
 
-STEPS = 10
+STEPS = 6
 LAYOUTS = {  # name: (ranks, reference run, overrides)
     "pp2": (2, "single", ["parallel.pipeline=2", "trainer.profile_steps=[2]"]),
     "pp4": (4, "single", ["parallel.pipeline=4", "trainer.profile_steps=[2]"]),
@@ -46,7 +46,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One-process references plus each pipeline layout, 10 steps each from the same seed and data."""
+    """One-process references plus each pipeline layout, STEPS steps each from the same seed and data."""
     base = tmp_path_factory.mktemp("pipeline")
     tokens = write_tokens(base / "tokens.npy", 40_000, 300)
     mask = f"data.label_mask_paths=[{write_mask(base / 'mask.npy', 40_000, 0.6)}]"

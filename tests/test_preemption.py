@@ -19,10 +19,13 @@ from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point
 
 
+STEPS = 24
+
+
 def overrides(tokens: str, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=64", "model.vocab_size=300",
             "model.num_hidden_layers=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "trainer.max_steps=40", "optim.warmup_steps=2", "trainer.save_interval=1000", "trainer.log_interval=1",
+            f"trainer.max_steps={STEPS}", "optim.warmup_steps=2", "trainer.save_interval=1000", "trainer.log_interval=1",
             "parallel.timeout_s=60", f"trainer.run_dir={run_dir}", *extra]
 
 
@@ -78,22 +81,22 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, toke
     os.kill(worker_pid(agent, 1), signal.SIGTERM)
     stdout, stderr = agent.communicate(timeout=120)
     step = checkpoint_step(run_dir)
-    assert 3 <= step < 40, stdout + stderr
+    assert 3 <= step < STEPS, stdout + stderr
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, step + 1))  # every reported step is saved
     assert f"stopping after step {step}: a signal on another rank (checkpoint saved)" in stdout
     assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in stderr, stderr  # torchrun stops the other rank once one exits
     resumed = run_entry_point(overrides(tokens, run_dir), nproc=2)
     assert resumed.returncode == 0, resumed.stderr
-    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 41))
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in uninterrupted]  # bit for bit
 
 
 def test_time_limit_ends_the_job_with_a_checkpoint_and_exit_0(tmp_path, tokens, uninterrupted):
     run_dir = tmp_path / "run"
-    first = run_entry_point(overrides(tokens, run_dir, "trainer.max_steps=40", "trainer.time_limit=1s"), nproc=2)
+    first = run_entry_point(overrides(tokens, run_dir, "trainer.time_limit=1s"), nproc=2)
     assert first.returncode == 0, first.stderr
     step = checkpoint_step(run_dir)
-    assert 1 <= step < 40
+    assert 1 <= step < STEPS
     assert f"stopping after step {step}: trainer.time_limit=1s leaves no room for another step and a save" in \
         first.stdout
     second = run_entry_point(overrides(tokens, run_dir), nproc=2)
