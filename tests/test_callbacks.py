@@ -13,7 +13,8 @@ from megolmo.callbacks import Callback, CallbackError, CallbackList
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 
-# Recorded with the trainer before the callback layer (commit 1ba5975), same configs and data as below.
+# Recorded with the trainer before the callback layer (commit 1ba5975), same configs and data as below; the
+# losses (console, metrics, final_loss) re-recorded when the data order became per-index (issue 15).
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
 ADDED_SUMMARY_KEYS = {"pipeline_schedule"}  # new with the schedules; the rest of summary.json is unchanged
 ADDED_BUBBLE_KEYS = {"schedule"}

@@ -1,21 +1,22 @@
 """A weighted, shuffled mixture of token files whose order depends only on the seed.
 
 Instance `i` of the dataset is a pure function of (files, seq_len, weights, seed, i): no state is carried
-between steps, so any step can be resumed, on any parallel layout, by indexing directly.
+between steps, so any step can be resumed, on any parallel layout, by indexing directly. The epoch's
+shuffle and each source's subset are pseudo-random permutations evaluated per index
+(``permutation.Permutation``), so the dataset holds O(files) state whatever the corpus size.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 
+from megolmo.data.permutation import Permutation
 from megolmo.data.token_file import TOKEN_DTYPES, TokenFile
 from megolmo.errors import MegolmoConfigError
 
-_SELECT_TAG = 0x5E1EC7  # keeps the per-source selection streams apart from the shuffle stream
-_CACHED_EPOCHS = 2  # the current epoch plus its neighbour, so a batch spanning a boundary does not rebuild
+_SELECT_TAG = 0x5E1EC7  # keeps the per-source selection keys apart from the shuffle keys
+_SHUFFLE_TAG = 0x5F0FF1E
 
 
 class TokenDataset:
@@ -44,14 +45,13 @@ class TokenDataset:
         self.seed = seed
         self.has_label_masks = bool(label_mask_paths)
         sizes = np.array([len(f) for f in self.files], dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         w = sizes.astype(np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
         self.counts = [int(round(wi / w.sum() * int(sizes.sum()))) for wi in w]
         self.epoch_len = sum(self.counts)
         if self.epoch_len == 0:
             raise MegolmoConfigError(f"data.weights={list(w)}: every source rounds to zero instances per epoch")
-        self._epochs: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._epoch_index(0)
+        self._count_offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._permutations: dict[tuple[int, ...], Permutation] = {}  # a few integers each, per epoch (and source)
 
     def __len__(self) -> int:
         """Instances in one epoch; `__getitem__` accepts any non-negative index."""
@@ -72,31 +72,30 @@ class TokenDataset:
         return int(np.count_nonzero(file.label_mask(k)[1:]))
 
     def _locate(self, index: int) -> tuple[TokenFile, int]:
+        """Epoch ``e`` lays the sources out one after another (source i's ``counts[i]`` instances: whole
+        repeats of its file, then a seeded subset), then shuffles that layout."""
         if index < 0:
             raise IndexError(f"dataset index {index} is negative")
         epoch, pos = divmod(int(index), self.epoch_len)
-        flat = int(self._epoch_index(epoch)[pos])
-        source = int(np.searchsorted(self._offsets, flat, side="right")) - 1
-        return self.files[source], flat - int(self._offsets[source])
+        slot = self._shuffle(epoch)[pos]
+        source = int(np.searchsorted(self._count_offsets, slot, side="right")) - 1
+        j = slot - int(self._count_offsets[source])
+        n = len(self.files[source])
+        whole = self.counts[source] // n * n
+        k = j % n if j < whole else self._subset(epoch, source)[j - whole]
+        return self.files[source], k
 
-    def _epoch_index(self, epoch: int) -> np.ndarray:
-        """Flat instance ids (file offset + instance) of one epoch, built once and kept for a couple of epochs."""
-        if epoch in self._epochs:
-            self._epochs.move_to_end(epoch)
-            return self._epochs[epoch]
-        parts = []
-        for source, count in enumerate(self.counts):
-            n = len(self.files[source])
-            select = np.random.default_rng([self.seed, epoch, _SELECT_TAG, source])
-            repeats = np.tile(np.arange(n, dtype=np.int64), count // n)
-            local = np.concatenate([repeats, select.permutation(n)[: count % n]])
-            parts.append(local + self._offsets[source])
-        shuffle = np.random.default_rng(self.seed if epoch == 0 else [self.seed, epoch])
-        index = shuffle.permutation(np.concatenate(parts))
-        self._epochs[epoch] = index
-        if len(self._epochs) > _CACHED_EPOCHS:
-            self._epochs.popitem(last=False)
-        return index
+    def _shuffle(self, epoch: int) -> Permutation:
+        return self._permutation(self.epoch_len, epoch, _SHUFFLE_TAG)
+
+    def _subset(self, epoch: int, source: int) -> Permutation:
+        """Its first ``counts % n`` values pick the instances a partial repeat of the source takes."""
+        return self._permutation(len(self.files[source]), epoch, _SELECT_TAG, source)
+
+    def _permutation(self, n: int, *key: int) -> Permutation:
+        if key not in self._permutations:
+            self._permutations[key] = Permutation(n, [self.seed, *key])
+        return self._permutations[key]
 
 
 def _validate(
