@@ -1,7 +1,9 @@
 """Start-up time and memory of the dataset at corpus scale, on sparse token files (no disk is written).
 
-Each measurement runs in a fresh process, so its peak resident memory is the dataset's alone: build the
-dataset over the files, then read one global batch at a far step (what a resumed job does first). The
+Each measurement runs in a fresh process and reports the resident memory its structures hold (VmRSS while
+they are alive, less VmRSS after the imports; a process-wide peak would also count the imports' own
+transient peak): build the dataset over the files, then read one global batch at a far step (what a
+resumed job does first). The
 previous implementation's cost (an int64 index of every instance, shuffled, on every rank) is measured by
 running that same construction, at the sizes this machine's memory allows.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,14 +53,13 @@ def measure_dataset(paths: list[str], step: int, global_batch: int) -> dict[str,
     started = time.perf_counter()
     dataset = TokenDataset(paths, SEQ_LEN, "uint32", vocab_size=100_352, seed=0)
     built = time.perf_counter() - started
-    build_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    build_mb = resident_mb() - baseline
     loader = GlobalBatchLoader(dataset, global_batch_size=global_batch, micro_batch_size=global_batch, dp_rank=0,
                                dp_size=1)
     batch = loader.micro_batches(step)
     assert batch[0]["input_ids"].shape == (global_batch, SEQ_LEN)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"build_s": built, "build_mb": build_mb, "total_s": time.perf_counter() - started,
-            "memory_mb": peak - baseline}
+            "memory_mb": resident_mb() - baseline}
 
 
 def measure_previous_index(instances: int) -> dict[str, float]:
@@ -68,9 +68,9 @@ def measure_previous_index(instances: int) -> dict[str, float]:
     started = time.perf_counter()
     index = np.random.default_rng(0).permutation(np.arange(instances, dtype=np.int64))
     seconds = time.perf_counter() - started
-    del index
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"build_s": seconds, "build_mb": peak - baseline}
+    held = resident_mb() - baseline
+    assert len(index) == instances
+    return {"build_s": seconds, "build_mb": held}
 
 
 def in_fresh_process(args: list[str]) -> dict[str, float]:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(measure_previous_index(int(rest[0]))))
         return
-    print(f"{'tokens':>8} {'instances':>12} | {'now: build s':>12} {'MB':>6} {'+ batch s':>9} {'peak MB':>7} | "
+    print(f"{'tokens':>8} {'instances':>12} | {'now: build s':>12} {'MB':>6} {'+ batch s':>9} {'MB':>7} | "
           f"{'previous: s':>11} {'MB':>8} | {'index MB ratio':>14}")
     for size in (float(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
