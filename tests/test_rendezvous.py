@@ -27,7 +27,7 @@ from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point
 from tests.test_trainer import tiny_overrides
 
-TIMEOUT_S = 8
+TIMEOUT_S = 4
 
 
 def test_discover_names_the_variable_that_set_the_address():

@@ -72,17 +72,11 @@ def job_state(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
 
 
-def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path):
+def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path, split_by_time_limit):
     """Preemption: USR1 to the batch shell mid-run -> every task saves after the same step and exits 75 ->
     the script requeues the job -> the requeued job (restart 1) resumes from latest and ends as an
     uninterrupted job does."""
-    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
-    args = overrides(tokens, "trainer.max_steps=40", "trainer.save_interval=1000")
-    straight_dir = tmp_path / "straight"
-    straight_dir.mkdir()
-    proc, log = sbatch(cluster, straight_dir, args)
-    assert proc.returncode == 0, proc.stderr + log[-3000:]
-
+    tokens, args, continued = split_by_time_limit
     out, run_dir = tmp_path / "job.out", tmp_path / "run"
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port())}
@@ -114,18 +108,26 @@ def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path):
     assert "restart 0" in log and "restart 1" in log and f"requeueing job {job_id}" in log, log
     stopped = int(re.search(r"stopping after step (\d+): SIGUSR1", log).group(1))
     assert 3 <= stopped < 40 and f"starting at step {stopped} from" in log, log
-    losses = [json.loads(line)["loss"] for line in metrics.open()]
-    assert losses == [json.loads(line)["loss"] for line in (straight_dir / "run" / "metrics.jsonl").open()]
+    assert [json.loads(line)["loss"] for line in metrics.open()] == continued  # as the uninterrupted one
 
 
-def test_an_expired_time_limit_ends_the_job_with_a_checkpoint_and_the_next_job_continues(cluster, tmp_path):
-    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+@pytest.fixture(scope="module")
+def split_by_time_limit(cluster, tmp_path_factory) -> tuple[str, list[str], list[float]]:
+    """A 40-step run split in two jobs by an expired trainer.time_limit; its losses (one resume, bit for bit
+    the uninterrupted run's: tests/test_preemption.py) are the preemption test's reference."""
+    work = tmp_path_factory.mktemp("time_limit")
+    tokens = write_tokens(work / "tokens.npy", 40_000, 300)
     args = overrides(tokens, "trainer.max_steps=40", "trainer.save_interval=1000")
-    first, log = sbatch(cluster, tmp_path, [*args, "trainer.time_limit=1s"])
+    first, log = sbatch(cluster, work, [*args, "trainer.time_limit=1s"])
     assert first.returncode == 0, first.stderr + log[-3000:]
     stopped = int(re.search(r"stopping after step (\d+): trainer.time_limit=1s", log).group(1))
     assert stopped < 40 and "requeueing" not in log, log
-    second, log = sbatch(cluster, tmp_path, args)
+    second, log = sbatch(cluster, work, args)
     assert second.returncode == 0 and f"starting at step {stopped} from" in log, second.stderr + log[-3000:]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert steps == list(range(1, 41))
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    return tokens, args, [r["loss"] for r in records]
+
+
+def test_an_expired_time_limit_ends_the_job_with_a_checkpoint_and_the_next_job_continues(split_by_time_limit):
+    assert len(split_by_time_limit[2]) == 40  # the checks are the fixture's, shared with the preemption test
