@@ -8,6 +8,7 @@ error naming both numbers.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from megolmo.checkpoint.manager import TRAINER_STATE, CheckpointManager, verify_checkpoint
 from megolmo.errors import MegolmoConfigError
@@ -17,25 +18,25 @@ class RunFinished(Exception):
     """This job's run directory already holds a checkpoint at its last step (exit 0: nothing to do)."""
 
 
-def saved_step(checkpoint: Path) -> int:
-    """The checkpoint's step, once its files are known to be complete (damage is named first)."""
-    return int(verify_checkpoint(checkpoint)["step"])
-
-
 def check_start_point(run_dir: str | None, load_path: Path | None, reset_trainer_state: bool, max_steps: int,
-                      stop_at: int | None) -> None:
+                      stop_at: int | None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint this job resumes, with its trainer state (None for a fresh start or a new stage),
+    once its files are known to be complete (damage is named first)."""
     last = stop_at or max_steps
     until = f"trainer.stop_at={stop_at}" if stop_at else f"trainer.max_steps={max_steps}"
     latest = CheckpointManager(Path(run_dir), keep_last=1).latest() if run_dir else None
     if latest is not None:
-        step = saved_step(latest)
-        if step >= last:
-            state = "already finished" if step >= max_steps else "already"
-            raise RunFinished(f"{state} at step {step} ({until}; {latest}): nothing to do")
-        return
+        state = verify_checkpoint(latest)
+        if state["step"] >= last:
+            done = "already finished" if state["step"] >= max_steps else "already"
+            raise RunFinished(f"{done} at step {state['step']} ({until}; {latest}): nothing to do")
+        return latest, state
     if load_path is not None and not reset_trainer_state and (load_path / TRAINER_STATE).exists():
-        step = saved_step(load_path)
+        state = verify_checkpoint(load_path)
+        step = state["step"]
         if step >= last:
             raise MegolmoConfigError(
                 f"load_path={load_path} is at step {step}, at or beyond {until}: nothing to train; raise "
                 "trainer.max_steps, or set reset_trainer_state=true to start a new schedule from its weights")
+        return load_path, state
+    return None

@@ -18,7 +18,10 @@ from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog
                                RunSummary, StepRecord, StopRequest, StopRequests)
 from megolmo.callbacks.stop_requests import parse_duration, process_started
 from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
-from megolmo.data.loader import GlobalBatchLoader, build_loader
+from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
+from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
+from megolmo.data.prefetch import Prefetcher
+from megolmo.data.sources import resolve_sources
 from megolmo.errors import MegolmoConfigError
 from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
@@ -27,7 +30,7 @@ from megolmo.optim.adamw import AdamWSettings
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.parallel.agree import agree_on_errors
 from megolmo.parallel.bootstrap import discover
-from megolmo.parallel.collectives import barrier, world_group
+from megolmo.parallel.collectives import all_gather_objects, all_reduce_values, barrier, world_group
 from megolmo.parallel.state import check_layout, initialize
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
@@ -80,7 +83,8 @@ class Trainer:
         self.load_path = resolve_checkpoint(Path(cfg.load_path)) if cfg.load_path else None
         if self.load_path is not None and not self.load_path.exists():
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
-        check_start_point(t.run_dir, self.load_path, bool(cfg.reset_trainer_state), t.max_steps, t.stop_at)
+        resume_point = check_start_point(t.run_dir, self.load_path, bool(cfg.reset_trainer_state), t.max_steps,
+                                         t.stop_at)
         if t.time_limit is not None:
             parse_duration(t.time_limit)  # a malformed limit fails now, not after the model is built
         check_model_layout(self.model_cfg, p.tensor, cfg.data.seq_len, p.sequence_parallel)
@@ -92,8 +96,13 @@ class Trainer:
                                           bool(t.compile))
             if cfg.precision == "fp8":
                 check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
+            sources = resolve_sources(cfg.data)
+            self.data_fingerprint = data_fingerprint(sources, cfg.data.seq_len, cfg.data.seed, t.global_batch_size)
+            if resume_point is not None:
+                check_same_data(resume_point[1].get(FINGERPRINT_KEY), self.data_fingerprint, str(resume_point[0]))
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
-                                                          self.ps.dp_rank, self.ps.dp)
+                                                          self.ps.dp_rank, self.ps.dp, self.model_cfg.eos_token_id,
+                                                          sources)
             if p.pipeline > 1:
                 check_schedule_layout(self.schedule, p.pipeline, p.virtual_pipeline, self.loader.num_micro_batches,
                                       bool(t.compile))
@@ -160,8 +169,8 @@ class Trainer:
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
-                 "data_seed": self.cfg.data.seed, "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp,
-                                                             "data": self.ps.dp}}
+                 "data_seed": self.cfg.data.seed, FINGERPRINT_KEY: self.data_fingerprint,
+                 "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp, "data": self.ps.dp}}
         path = self.checkpoints.save(self.optimizer, checkpoint_name(step, tokens, t.stage, t.ingredient), state,
                                      self.model_cfg.to_dict(), self.chunks,
                                      writes_module_state=self.ps.tp_rank == 0 and self.ps.dp_rank == 0)
@@ -169,9 +178,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> list[StepRecord]:
+        steps = range(self.start_step, self.last_step)
+        self.batches = Prefetcher(self.loader.read_step, steps, self.cfg.data.prefetch_steps,
+                                  pin_memory=self.ps.device.type == "cuda")
         try:
             self.callbacks.call("on_start", self)
-            for step in range(self.start_step, self.last_step):
+            for step in steps:
                 self.records.append(self.train_step(step))
                 self.callbacks.call("on_step_end", self, self.records[-1])
                 if self.stop_request is not None:
@@ -183,18 +195,38 @@ class Trainer:
         except BaseException as error:
             self.callbacks.call("on_failure", self, error)
             raise
+        finally:
+            self.batches.close()
         return self.records
 
     def train_step(self, step: int) -> StepRecord:
         started = time.perf_counter()
         o = self.cfg.optim
         lr = learning_rate(step, o.lr, o.warmup_steps, self.max_steps, o.schedule, o.final_lr_ratio)
-        loss_tokens = max(self.loader.global_loss_tokens(step), 1)
-        result = self.step_fn.run(self.loader.micro_batches(step), loss_tokens, lr)
+        batch, loss_tokens, masked, waited = self.read_batch(step)
+        result = self.step_fn.run(batch.micro_batches, loss_tokens, lr)
         tokens_per_sec = self.tokens_per_step / (time.perf_counter() - started)
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         return StepRecord(step + 1, result.ce_sum / loss_tokens, o.z_loss * result.z_sum / loss_tokens,
-                          result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu)
+                          result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu, waited,
+                          masked)
+
+    def read_batch(self, step: int) -> tuple[StepBatch, int, int, float]:
+        """This rank's batch, the step's loss denominator and filtered instances (summed over the data-parallel
+        ranks, each of which reads only its rows), and the seconds the loop waited. A rank whose read failed
+        says so in the same reduction and every rank raises its one-line error, rather than the others
+        waiting for it in the step's collectives."""
+        error = None
+        try:
+            batch, waited = self.batches.get(step)
+            local = [batch.loss_tokens, batch.masked_instances, 0]
+        except MegolmoConfigError as raised:
+            error, local = raised, [0, 0, 1]
+        loss_tokens, masked, failed = all_reduce_values(local, "sum", self.ps.dp_group)
+        if failed:
+            messages = all_gather_objects(None if error is None else str(error), self.ps.dp_group)
+            raise error or MegolmoConfigError(next(m for m in messages if m is not None))
+        return batch, max(int(loss_tokens), 1), int(masked), waited
 
     def log(self, message: str) -> None:
         if self.ps.is_main:

@@ -18,6 +18,7 @@ from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
 ADDED_SUMMARY_KEYS = {"pipeline_schedule"}  # new with the schedules; the rest of summary.json is unchanged
 ADDED_BUBBLE_KEYS = {"schedule"}
+ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances"}
 LAYOUTS = {"single": (1, []), "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"])}
 
 
@@ -32,7 +33,7 @@ def observe(run: Path, stdout: str) -> dict:
     """What a user sees of a run, with paths and timings masked."""
     console = [re.sub(r"[\d,]+ tok/s \| ETA \S+", "<RATE>", line)
                for line in stdout.replace(str(run.resolve()), "<RUN>").replace(str(run), "<RUN>").splitlines()]
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"}
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_sec", *ADDED_METRIC_KEYS)}
                for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     seen = {"console": console, "metrics": metrics,

@@ -69,7 +69,7 @@ def schema_keys(schema: type, prefix: str = "") -> list[str]:
 
 def test_every_key_in_conf_is_in_the_schema_and_every_option_composes():
     known = set(schema_keys(MegolmoConfig))
-    files = sorted(CONF_DIR.glob("*/*.yaml"))
+    files = sorted(p for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "mixes")  # mixes: data (data.mix)
     assert len(files) >= 9
     for path in files:
         group = path.parent.name

@@ -155,10 +155,10 @@ def test_dp_ranks_partition_the_global_batch_in_order(two_files, dp_size, mbs):
         union = [b for loader in ranks for b in loader.micro_batches(step)]
         assert all(b["input_ids"].shape[0] == mbs for b in union)
         torch.testing.assert_close(concat(union, "input_ids"), concat(whole.micro_batches(step), "input_ids"))
-        assert {loader.global_loss_tokens(step) for loader in ranks} == {whole.global_loss_tokens(step)}
+        assert sum(loader.read_step(step).loss_tokens for loader in ranks) == whole.read_step(step).loss_tokens
 
 
-def test_global_loss_tokens_counts_masked_labels(tmp_path):
+def test_loss_tokens_count_this_ranks_masked_labels(tmp_path):
     rng = np.random.default_rng(0)
     tokens = write(tmp_path / "t.npy", rng.integers(0, 100, 16 * 5))
     mask_values = rng.random(16 * 5) < 0.6
@@ -166,10 +166,10 @@ def test_global_loss_tokens_counts_masked_labels(tmp_path):
     ds = TokenDataset([tokens], seq_len=5, dtype="uint16", vocab_size=100, seed=0, label_mask_paths=[mask])
     loader = GlobalBatchLoader(ds, global_batch_size=4, micro_batch_size=2, dp_rank=1, dp_size=2)
     for step in range(5):
-        expected = sum(int(ds[i]["label_mask"][1:].sum()) for i in range(step * 4, step * 4 + 4))
-        assert loader.global_loss_tokens(step) == expected
+        expected = sum(int(ds[i]["label_mask"][1:].sum()) for i in range(step * 4 + 2, step * 4 + 4))
+        assert loader.read_step(step).loss_tokens == expected
     unmasked = GlobalBatchLoader(TokenDataset([tokens], 5, "uint16", 100, seed=0), 4, 2)
-    assert unmasked.global_loss_tokens(9) == 4 * 4
+    assert unmasked.read_step(9).loss_tokens == 4 * 4
 
 
 def test_build_loader_from_config(two_files):
@@ -235,7 +235,7 @@ def test_token_id_out_of_vocabulary(tmp_path):
     values = np.arange(32)
     values[21] = 999
     path = write(tmp_path / "t.npy", values)
-    f = TokenFile(path, 8, "uint16", vocab_size=100)  # opening does not scan the file
+    f = TokenFile(path, 8, "uint16", vocab_size=100)  # opening reads only the first instance
     f.tokens(1)
     with raises_naming(path, "token id 999", "position 21", "model.vocab_size=100") as e:
         f.tokens(2)

@@ -21,7 +21,7 @@ def loss_and_grads(dataset: TokenDataset, micro_batch_size: int, step: int = 0):
     params = list(model.parameters())
     FlatBuffers(list(model.named_parameters()), dp_size=1, bucket_size=10_000)
     loader = GlobalBatchLoader(dataset, GLOBAL_BATCH, micro_batch_size)
-    tokens = loader.global_loss_tokens(step)
+    tokens = loader.read_step(step).loss_tokens
     ce, z = forward_backward(model, loader.micro_batches(step), tokens, 1e-4, torch.device("cpu"))
     return ce.item() / tokens, z.item() / tokens, [p.main_grad.clone() for p in params]
 
@@ -62,4 +62,4 @@ def test_loss_is_global_mean_not_mean_of_micro_batch_means(tmp_path):
                            label_mask_paths=[mask])
     loader = GlobalBatchLoader(dataset, 8, 1)
     expected = sum(int(dataset[i]["label_mask"][1:].sum()) for i in range(8))
-    assert loader.global_loss_tokens(0) == expected
+    assert loader.read_step(0).loss_tokens == expected

@@ -27,6 +27,8 @@ class StepRecord:
     tokens: int
     tokens_per_sec: float
     mfu: float | None
+    data_wait_s: float  # the step waited this long for its batch (0 when prefetching keeps up)
+    masked_instances: int  # instances the repeated n-gram filter took out of the loss
 
 
 class CallbackError(RuntimeError):

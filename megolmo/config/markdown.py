@@ -56,6 +56,8 @@ def section_rows(schema: type, defaults: DictConfig, prefix: str) -> list[str]:
     rows = []
     for f in dataclasses.fields(schema):
         if dataclasses.is_dataclass(hints[f.name]):
+            if prefix:  # a subsection (data.instance_filter): its rows inside its group's table
+                rows += section_rows(hints[f.name], defaults[f.name], f"{prefix}{f.name}.")
             continue
         value = OmegaConf.to_container(defaults[f.name]) if OmegaConf.is_config(defaults[f.name]) else defaults[f.name]
         choices = f.metadata.get("choices") or ()

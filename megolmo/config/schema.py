@@ -42,14 +42,28 @@ ModelSection = _model_section()
 
 
 @dataclass
+class InstanceFilterSection:
+    enabled: bool = setting(False, "mask out of the loss instances where a short pattern repeats (OLMo 2 recipes: on)")
+    min_period: int = setting(1, "shortest repeated pattern, in tokens")
+    max_period: int = setting(13, "longest repeated pattern, in tokens")
+    max_count: int = setting(32, "an instance with a pattern repeated this many times in a row is masked")
+
+
+@dataclass
 class DataSection:
     paths: list[str] = setting([], "token files: raw 1-D memmaps (uint16 or uint32), EOS-separated documents")
+    mix: str | None = setting(None, "a named mix instead of paths: conf/mixes/<mix>.yaml (olmo-mix-1124, "
+                              "dolmino-mix-1124), its files under data.root")
+    root: str | None = setting(None, "directory that relative paths (and a mix's files) are under")
     label_mask_paths: list[str] = setting(
         [], "optional, one per path: one byte per token, 1 = the token is a training label (SFT)")
     weights: list[float] | None = setting(None, "mixture weights, one per path (default: proportional to size)")
     seq_len: int = setting(4096, "tokens per training instance")
-    dtype: str = setting("uint32", "token id type of the files", TOKEN_DTYPES)
+    dtype: str | None = setting(None, "token id type of the files; default: the mix's, else the files' sidecars' "
+                                "(written by tools/prepare_data.py), else uint32", TOKEN_DTYPES)
     seed: int = setting(0, "the global data order; identical for every parallel layout")
+    instance_filter: InstanceFilterSection = field(default_factory=InstanceFilterSection)
+    prefetch_steps: int = setting(2, "steps of batches read ahead on a background thread; 0 reads on the loop")
 
 
 @dataclass

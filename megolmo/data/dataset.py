@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megolmo.data.instance_filter import RepetitionFilter
 from megolmo.data.permutation import Permutation
 from megolmo.data.token_file import TOKEN_DTYPES, TokenFile
 from megolmo.errors import MegolmoConfigError
@@ -36,14 +37,17 @@ class TokenDataset:
         seed: int,
         label_mask_paths: list[str] | None = None,
         weights: list[float] | None = None,
+        eos_token_id: int | None = None,
+        instance_filter: RepetitionFilter | None = None,
     ) -> None:
         paths = list(paths)
         _validate(paths, seq_len, dtype, vocab_size, seed, label_mask_paths, weights)
         masks = list(label_mask_paths) if label_mask_paths else [None] * len(paths)
-        self.files = [TokenFile(p, seq_len, dtype, vocab_size, m) for p, m in zip(paths, masks)]
+        self.files = [TokenFile(p, seq_len, dtype, vocab_size, m, eos_token_id) for p, m in zip(paths, masks)]
         self.seq_len = seq_len
         self.seed = seed
         self.has_label_masks = bool(label_mask_paths)
+        self.instance_filter = instance_filter
         sizes = np.array([len(f) for f in self.files], dtype=np.int64)
         w = sizes.astype(np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
         self.counts = [int(round(wi / w.sum() * int(sizes.sum()))) for wi in w]
@@ -59,17 +63,15 @@ class TokenDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         file, k = self._locate(index)
-        ids = torch.from_numpy(file.tokens(k).astype(np.int64))
+        tokens = file.tokens(k)
+        kept = self.instance_filter is None or self.instance_filter.keeps(tokens)
         mask = file.label_mask(k)
-        label_mask = torch.ones(self.seq_len, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
-        return {"input_ids": ids, "label_mask": label_mask}
-
-    def loss_tokens(self, index: int) -> int:
-        """Positions of instance `index` that carry a loss: labels are tokens 1..seq_len-1 whose mask is set."""
-        if not self.has_label_masks:
-            return self.seq_len - 1
-        file, k = self._locate(index)
-        return int(np.count_nonzero(file.label_mask(k)[1:]))
+        if not kept:
+            label_mask = torch.zeros(self.seq_len, dtype=torch.bool)
+        else:
+            label_mask = torch.ones(self.seq_len, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "label_mask": label_mask,
+                "instance_mask": torch.tensor(kept)}
 
     def _locate(self, index: int) -> tuple[TokenFile, int]:
         """Epoch ``e`` lays the sources out one after another (source i's ``counts[i]`` instances: whole

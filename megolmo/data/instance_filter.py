@@ -68,11 +68,11 @@ class RepetitionFilter:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_period <= self.max_period:
-            raise MegolmoConfigError(f"repetition periods {self.min_period}..{self.max_period}: need "
-                                     f"1 <= min_period <= max_period")
+            raise MegolmoConfigError(f"data.instance_filter.min_period={self.min_period}, max_period="
+                                     f"{self.max_period}: need 1 <= min_period <= max_period")
         if self.max_count < 3:
-            raise MegolmoConfigError(f"repetition max_count {self.max_count}: OLMo-core only reports runs "
-                                     f"of 3 or more repeats, so it must be >= 3")
+            raise MegolmoConfigError(f"data.instance_filter.max_count={self.max_count}: OLMo-core only reports "
+                                     "runs of 3 or more repeats, so it must be >= 3")
 
     def keeps(self, ids: np.ndarray) -> bool:
         """True when the 1-D instance ``ids`` trains; False when it is masked out of the loss."""

@@ -7,12 +7,31 @@ data-parallel size or micro-batch size changes only who computes which rows, nev
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megolmo.data.dataset import TokenDataset
+from megolmo.data.instance_filter import RepetitionFilter
+from megolmo.data.sources import DataSources, resolve_sources
 from megolmo.errors import MegolmoConfigError
+
+
+@dataclass
+class StepBatch:
+    """One DP rank's share of a step: its micro-batches, its loss-bearing label positions (tokens 1..seq_len-1
+    whose mask is set; summed over DP ranks, the step's loss denominator) and its filtered-out instances."""
+
+    step: int
+    micro_batches: list[dict[str, torch.Tensor]]
+    loss_tokens: int
+    masked_instances: int
+
+    def pinned(self) -> StepBatch:
+        """In page-locked memory, so the copy to the GPU can run asynchronously."""
+        pinned = [{key: t.pin_memory() for key, t in batch.items()} for batch in self.micro_batches]
+        return StepBatch(self.step, pinned, self.loss_tokens, self.masked_instances)
 
 
 class GlobalBatchLoader:
@@ -50,20 +69,22 @@ class GlobalBatchLoader:
         self.num_micro_batches = per_rank // micro_batch_size
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of `step`: input_ids (LongTensor) and label_mask (BoolTensor), [mbs, seq_len]."""
+        return self.read_step(step).micro_batches
+
+    def read_step(self, step: int) -> StepBatch:
+        """This rank's micro-batches of `step` (input_ids LongTensor, label_mask BoolTensor, [mbs, seq_len]) and
+        what its rows contribute to the step's loss denominator."""
         per_rank = self.global_batch_size // self.dp_size
         first = step * self.global_batch_size + self.dp_rank * per_rank
-        batches = []
-        for m in range(self.num_micro_batches):
-            start = first + m * self.micro_batch_size
-            rows = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
-            batches.append({key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "label_mask")})
-        return batches
-
-    def global_loss_tokens(self, step: int) -> int:
-        """Loss-bearing tokens of the whole global batch, read from mask bytes so no rank needs a collective."""
-        first = step * self.global_batch_size
-        return sum(self.dataset.loss_tokens(i) for i in range(first, first + self.global_batch_size))
+        rows = [self.dataset[i] for i in range(first, first + per_rank)]
+        micro_batches = []
+        for m in range(0, per_rank, self.micro_batch_size):
+            chunk = rows[m : m + self.micro_batch_size]
+            micro_batches.append({key: torch.stack([row[key] for row in chunk]) for key in ("input_ids", "label_mask")})
+        masked = sum(not bool(row["instance_mask"]) for row in rows)
+        # OLMo-core's convention: a filtered instance's labels are ignored, yet it adds seq_len to the denominator
+        loss_tokens = sum(int(b["label_mask"][:, 1:].sum()) for b in micro_batches) + masked * self.dataset.seq_len
+        return StepBatch(step, micro_batches, loss_tokens, masked)
 
 
 def build_loader(
@@ -72,25 +93,28 @@ def build_loader(
     vocab_size: int,
     dp_rank: int,
     dp_size: int,
+    eos_token_id: int | None = None,
+    sources: DataSources | None = None,
 ) -> GlobalBatchLoader:
-    """The loader for the `data.*` and `trainer.*` config groups (OmegaConf or plain dicts)."""
-    paths = _as_list(data_cfg.get("paths"))
-    if not paths:
-        raise MegolmoConfigError("data.paths is missing or empty: give at least one token file")
-    for key in ("seq_len", "dtype", "seed"):
+    """The loader for the `data.*` and `trainer.*` config groups (OmegaConf or plain dicts); ``sources``, when
+    the caller has resolved them already."""
+    for key in ("seq_len", "seed"):
         if data_cfg.get(key) is None:
             raise MegolmoConfigError(f"data.{key} is missing")
     for key in ("global_batch_size", "micro_batch_size"):
         if trainer_cfg.get(key) is None:
             raise MegolmoConfigError(f"trainer.{key} is missing")
+    sources = sources or resolve_sources(data_cfg)
     dataset = TokenDataset(
-        paths=[str(p) for p in paths],
+        paths=sources.paths,
         seq_len=data_cfg["seq_len"],
-        dtype=str(data_cfg["dtype"]),
+        dtype=sources.dtype,
         vocab_size=vocab_size,
         seed=data_cfg["seed"],
-        label_mask_paths=[str(p) for p in _as_list(data_cfg.get("label_mask_paths"))] or None,
-        weights=_as_list(data_cfg.get("weights")) or None,
+        label_mask_paths=sources.label_mask_paths,
+        weights=sources.weights,
+        eos_token_id=eos_token_id,
+        instance_filter=_instance_filter(data_cfg.get("instance_filter")),
     )
     return GlobalBatchLoader(
         dataset,
@@ -101,10 +125,7 @@ def build_loader(
     )
 
 
-def _as_list(value: Any) -> list:
-    """Config lists arrive as ListConfig, list, a lone string, or None."""
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return [value]
-    return list(value)
+def _instance_filter(cfg: Mapping[str, Any] | None) -> RepetitionFilter | None:
+    if not cfg or not cfg.get("enabled"):
+        return None
+    return RepetitionFilter(int(cfg["min_period"]), int(cfg["max_period"]), int(cfg["max_count"]))

@@ -20,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from megolmo.data.sidecar import SIDECAR_SUFFIX, TokenFileInfo, file_sha256, read_sidecar, write_sidecar
 from megolmo.data.token_file import TOKEN_DTYPES
 from megolmo.errors import MegolmoConfigError
 
@@ -82,7 +83,7 @@ def prepare_data(
     eos_id: int | None = None,
     progress: bool = True,
 ) -> str:
-    """Write `output_dir/tokens.npy` from the inputs, in order; returns its path."""
+    """Write `output_dir/tokens.npy` from the inputs, in order, and its sidecar; returns the token file's path."""
     if not os.path.isfile(tokenizer_path):
         raise MegolmoConfigError(f"tokenizer {tokenizer_path}: no such file")
     for path in inputs:
@@ -90,22 +91,27 @@ def prepare_data(
             raise MegolmoConfigError(f"input {path}: no such file")
     tokenizer = Tokenizer.from_file(tokenizer_path)
     eos = resolve_eos_id(tokenizer, eos_id)
-    np_dtype = TOKEN_DTYPES[choose_dtype(tokenizer.get_vocab_size(), dtype)]
+    dtype = choose_dtype(tokenizer.get_vocab_size(), dtype)
+    np_dtype = TOKEN_DTYPES[dtype]
     os.makedirs(output_dir, exist_ok=True)
     out_path = os.path.join(output_dir, "tokens.npy")
     tmp_path = f"{out_path}.tmp{os.getpid()}"
     chunks = _chunks(doc for path in inputs for doc in read_documents(path))
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
-    total_docs = 0
+    total_docs = total_tokens = 0
     try:
         with open(tmp_path, "wb") as out:
             for ids, num_docs in _encode_all(chunks, tokenizer, tokenizer_path, eos, workers):
                 out.write(ids.astype(np_dtype).tobytes())
                 bar.update(num_docs)
                 total_docs += num_docs
+                total_tokens += len(ids)
         if total_docs == 0:
             raise MegolmoConfigError(f"inputs {' '.join(inputs)}: no documents found")
+        info = TokenFileInfo(dtype, total_tokens, total_docs, tokenizer.get_vocab_size(), eos,
+                             file_sha256(tokenizer_path))
         os.replace(tmp_path, out_path)
+        write_sidecar(out_path, info)
     finally:
         bar.close()
         if os.path.exists(tmp_path):
@@ -127,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except MegolmoConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    info = read_sidecar(path)
     print(path)
+    print(f"{info.describe()}; recorded in {path}{SIDECAR_SUFFIX}, which the trainer checks (and takes "
+          "data.dtype from when it is unset)")
     return 0
 
 
