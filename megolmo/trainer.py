@@ -98,7 +98,7 @@ class Trainer:
                 check_fp8_shapes(self.model_cfg, p.tensor, t.micro_batch_size * cfg.data.seq_len)
             sources = resolve_sources(cfg.data)
             self.data_fingerprint = data_fingerprint(sources, cfg.data.seq_len, cfg.data.seed, t.global_batch_size)
-            if resume_point is not None:
+            if resume_point is not None and self.continues_its_stage(*resume_point):
                 check_same_data(resume_point[1].get(FINGERPRINT_KEY), self.data_fingerprint, str(resume_point[0]))
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                           self.ps.dp_rank, self.ps.dp, self.model_cfg.eos_token_id,
@@ -124,6 +124,13 @@ class Trainer:
         self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
         self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1) if callbacks is None
                                       else callbacks)
+
+    def continues_its_stage(self, checkpoint: Path, state: dict) -> bool:
+        """A resume (its data must not change): this run's own checkpoint, or a ``load_path`` of the same
+        stage and ingredient. Stage 2 started from stage 1's optimizer state is a new stage on new data."""
+        same_stage = (state.get("stage"), state.get("ingredient")) == (self.cfg.trainer.stage,
+                                                                      self.cfg.trainer.ingredient)
+        return checkpoint != self.load_path or same_stage
 
     def chunk_settings(self) -> ChunkSettings:
         """A run that ``restore`` will start from a checkpoint builds its weights undrawn: the load fills them."""
@@ -169,6 +176,7 @@ class Trainer:
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
+                 "stage": t.stage, "ingredient": t.ingredient,
                  "data_seed": self.cfg.data.seed, FINGERPRINT_KEY: self.data_fingerprint,
                  "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp, "data": self.ps.dp}}
         path = self.checkpoints.save(self.optimizer, checkpoint_name(step, tokens, t.stage, t.ingredient), state,

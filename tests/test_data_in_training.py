@@ -72,6 +72,18 @@ def test_a_corpus_on_another_root_resumes_and_a_new_stage_takes_new_data(corpus,
     assert metrics[0]["data_wait_s"] >= 0 and metrics[0]["masked_instances"] == 0
 
 
+def test_load_path_is_a_resume_within_its_stage_and_a_new_stage_beyond_it(corpus, tmp_path):
+    """Stage 2 keeps stage 1's optimizer and step (``load_path`` without a reset) on new data; the same
+    ``load_path`` within stage 1 continues that run, so its data must not change."""
+    checkpoint = sorted((corpus / "run" / "checkpoints").glob("stage1-step2-*"))[0]
+    new_data = [f"load_path={checkpoint}", f"data.root={corpus / 'root_a'}", "data.paths=[other.npy]", "data.seed=3",
+                "trainer.max_steps=3"]
+    with pytest.raises(MegolmoConfigError, match=r"different data order: data\.paths .*; data\.seed \(0 then, 3 now\)"):
+        Trainer(load_config(overrides(tmp_path / "same-stage", *new_data)))
+    stage2 = Trainer(load_config(overrides(tmp_path / "stage2", *new_data, "trainer.stage=2", "trainer.ingredient=1")))
+    assert stage2.start_step == 2 and [r.step for r in stage2.fit()] == [3]
+
+
 def test_a_bad_token_read_by_one_rank_stops_every_rank_with_its_line(tmp_path):
     """Data-parallel rank 1 alone reads the bad instance, in step 4, on the prefetch thread; rank 0, which
     prints config errors, stops with the same line, after three whole steps."""

@@ -61,24 +61,24 @@ def resolve_sources(data_cfg: Mapping[str, Any], mix_dir: Path = MIX_DIR) -> Dat
     return DataSources(full, [_under(root, p) for p in masks] or None, weights, dtype, paths)
 
 
-def read_mix(name: str, mix_dir: Path = MIX_DIR) -> tuple[list[str], list[float | None] | None, str]:
-    """A mix's files in order, each file's source weight (None when no source has one), and its dtype."""
+def read_mix(name: str, mix_dir: Path = MIX_DIR) -> tuple[list[str], list[tuple[int, float]] | None, str]:
+    """A mix's files in order; for each file its source's (index, weight), None when no source has a
+    weight; and the files' dtype."""
     path = mix_dir / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in mix_dir.glob("*.yaml"))
         raise MegolmoConfigError(f"data.mix={name}: no such mix (choose from {', '.join(known) or 'none'})")
     mix = yaml.safe_load(path.read_text(encoding="utf-8"))
-    files: list[str] = []
-    weights: list[float | None] = []
-    for source in mix["sources"]:
-        files += source["paths"]
-        weights += [source.get("weight")] * len(source["paths"])
     if mix.get("dtype") not in TOKEN_DTYPES:
         raise MegolmoConfigError(f"mix file {path}: dtype={mix.get('dtype')!r}, expected one of {sorted(TOKEN_DTYPES)}")
-    has_weights = any(w is not None for w in weights)
-    if has_weights and any(w is None for w in weights):
+    sources = mix["sources"]
+    weighted = [source.get("weight") is not None for source in sources]
+    if any(weighted) and not all(weighted):
         raise MegolmoConfigError(f"mix file {path}: give every source a weight, or none")
-    return files, (weights if has_weights else None), mix["dtype"]
+    files = [file for source in sources for file in source["paths"]]
+    if not any(weighted):
+        return files, None, mix["dtype"]
+    return files, [(i, float(source["weight"])) for i, source in enumerate(sources) for _ in source["paths"]], mix["dtype"]
 
 
 def check_files_exist(paths: list[str], what: str, root: str | None) -> None:
@@ -94,13 +94,13 @@ def check_files_exist(paths: list[str], what: str, root: str | None) -> None:
                              if total > 1 else f"{what}: no such file: {shown}")
 
 
-def _per_file_weights(paths: list[str], source_weights: list[float | None]) -> list[float]:
+def _per_file_weights(paths: list[str], source_weights: list[tuple[int, float]]) -> list[float]:
     """A source's weight shared among its files by size, so each source gets its share of the mixture."""
     sizes = [os.path.getsize(p) for p in paths]
-    totals: dict[float, int] = {}
-    for w, size in zip(source_weights, sizes):
-        totals[w] = totals.get(w, 0) + size
-    return [w * size / totals[w] for w, size in zip(source_weights, sizes)]
+    totals: dict[int, int] = {}
+    for (source, _), size in zip(source_weights, sizes):
+        totals[source] = totals.get(source, 0) + size
+    return [w * size / totals[source] for (source, w), size in zip(source_weights, sizes)]
 
 
 def _resolve_dtype(configured: str | None, mix_name: str | None, mix_dtype: str | None, paths: list[str]) -> str:
