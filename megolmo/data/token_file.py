@@ -61,7 +61,7 @@ class TokenFile:
             check_against_run(path, info, dtype, self.num_tokens, vocab_size, eos_token_id)
         else:
             self._check_dtype_without_sidecar(dtype, eos_token_id)
-        self._check_ids(0, np.array(self._tokens[:seq_len]))  # a wrong dtype fails here, not at some step
+        self._check_ids(0, self._head(seq_len))  # a wrong dtype fails here, not at some step
         self._mask: np.memmap | None = None
         if label_mask_path is not None:
             mask_bytes = _file_size(label_mask_path, "label mask file")
@@ -82,6 +82,10 @@ class TokenFile:
         self._check_ids(start, ids)
         return ids
 
+    def _head(self, count: int) -> np.ndarray:
+        """The file's first ``count`` ids, read rather than mapped: probing hundreds of files maps no pages."""
+        return np.fromfile(self.path, dtype=self._tokens.dtype, count=min(count, self.num_tokens))
+
     def _check_ids(self, start: int, ids: np.ndarray) -> None:
         if int(ids.max()) >= self.vocab_size:
             offset = int(np.argmax(ids >= self.vocab_size))
@@ -100,7 +104,7 @@ class TokenFile:
             raise MegolmoConfigError(f"token file {self.path}: model.vocab_size={self.vocab_size} has ids that "
                                      f"data.dtype={dtype} cannot store (up to {limit}); the file is likely uint32")
         if dtype == "uint16":
-            probe = np.array(self._tokens[: PROBE_TOKENS - PROBE_TOKENS % 2])
+            probe = self._head(PROBE_TOKENS)
             if len(probe) >= 64 and not probe[1::2].any() and probe[0::2].any():
                 raise MegolmoConfigError(
                     f"token file {self.path}: every other uint16 id of its first {len(probe)} is 0, as when a "
