@@ -65,10 +65,13 @@ class PipelineRunner:
         """One step's forwards and backwards; summed CE and logsumexp^2 (non-zero where the head is)."""
         device = self.ps.device
         self._loss_tokens, self._z_loss, self._sums = loss_tokens, z_loss, []
-        args = (torch.cat([b["input_ids"] for b in micro_batches]).to(device),) if self.holds_first else ()
+        args = ()
+        if self.holds_first:  # each micro-batch copied from the prefetcher's pinned memory, then joined
+            args = (torch.cat([b["input_ids"].to(device, non_blocking=True) for b in micro_batches]),)
         target = None
         if self.holds_last:
-            pairs = [shift_targets(b["input_ids"].to(device), b["label_mask"].to(device)) for b in micro_batches]
+            pairs = [shift_targets(b["input_ids"].to(device, non_blocking=True),
+                                   b["label_mask"].to(device, non_blocking=True)) for b in micro_batches]
             target = torch.cat([torch.stack([t, m.long()], dim=1) for t, m in pairs])
         self.activity.start_step()
         self.schedule.step(*args, target=target, return_outputs=False)
