@@ -213,11 +213,20 @@ class Trainer:
         lr = learning_rate(step, o.lr, o.warmup_steps, self.max_steps, o.schedule, o.final_lr_ratio)
         batch, loss_tokens, masked, waited = self.read_batch(step)
         result = self.step_fn.run(batch.micro_batches, loss_tokens, lr)
-        tokens_per_sec = self.tokens_per_step / (time.perf_counter() - started)
+        step_time = time.perf_counter() - started
+        tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         return StepRecord(step + 1, result.ce_sum / loss_tokens, o.z_loss * result.z_sum / loss_tokens,
                           result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu, waited,
-                          masked)
+                          masked, step_time, *self.peak_memory_gb())
+
+    def peak_memory_gb(self) -> tuple[float | None, float | None]:
+        """This step's peak allocated and reserved CUDA memory (None on CPUs); the peaks restart each step."""
+        if self.ps.device.type != "cuda":
+            return None, None
+        allocated, reserved = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+        return allocated, reserved
 
     def read_batch(self, step: int) -> tuple[StepBatch, int, int, float]:
         """This rank's batch, the step's loss denominator and filtered instances (summed over the data-parallel

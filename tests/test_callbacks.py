@@ -18,7 +18,7 @@ from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
 ADDED_SUMMARY_KEYS = {"pipeline_schedule"}  # new with the schedules; the rest of summary.json is unchanged
 ADDED_BUBBLE_KEYS = {"schedule"}
-ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances"}
+ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances", "step_time_s", "peak_allocated_gb", "peak_reserved_gb"}
 LAYOUTS = {"single": (1, []), "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"])}
 
 

@@ -29,6 +29,9 @@ class StepRecord:
     mfu: float | None
     data_wait_s: float  # the step waited this long for its batch (0 when prefetching keeps up)
     masked_instances: int  # instances the repeated n-gram filter took out of the loss
+    step_time_s: float  # wall time of the step; it ends by reading its results, so GPU work is included
+    peak_allocated_gb: float | None  # CUDA: peak memory this step allocated, and the allocator reserved
+    peak_reserved_gb: float | None
 
 
 class CallbackError(RuntimeError):
