@@ -25,7 +25,10 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.48"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich", "mpi4py", "torchao", "beaker-py>=2.8,<3"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.48", "mpich", "mpi4py", "torchao", "beaker-py>=2.8,<3",
+                 "wandb>=0.19,<1", "tensorboard>=2.15,<3"],
+        "wandb": ["wandb>=0.19,<1"],
+        "tensorboard": ["tensorboard>=2.15,<3"],
         "beaker": ["beaker-py>=2.8,<3"],
         "mpi": ["mpi4py"],
         "gpu": ["transformer-engine[pytorch]", "torchao"],

@@ -57,12 +57,21 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
 def default_callbacks(cfg: DictConfig, pipelined: bool) -> list[Callback]:
     """In call order: the summary first (written before step 1), the timeline before the step's metrics,
     the stop decision before the checkpoint, the checkpoint last (after the step is logged)."""
+    from megolmo.callbacks import TensorBoardLog, WandbLog
+
     t = cfg.trainer
     callbacks: list[Callback] = [RunSummary()]
     if pipelined:
         callbacks.append(PipelineTimeline(list(t.profile_steps)))
     time_limit = parse_duration(t.time_limit) if t.time_limit is not None else None
-    return callbacks + [MetricsFile(), ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
+    callbacks.append(MetricsFile())  # the loggers after it: the same values, metrics.jsonl first
+    loggers = cfg.get("logging")
+    if loggers is not None and loggers.wandb.project is not None:
+        w = loggers.wandb
+        callbacks.append(WandbLog(w.project, w.entity, w.name, w.group, list(w.tags)))
+    if loggers is not None and loggers.tensorboard:
+        callbacks.append(TensorBoardLog())
+    return callbacks + [ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
                         Checkpointing(t.save_interval)]
 
 

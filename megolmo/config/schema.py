@@ -125,6 +125,22 @@ class Fp8Section:
 
 
 @dataclass
+class WandbSection:
+    project: str | None = setting(None, "log to this Weights & Biases project; null = off (WANDB_MODE=offline "
+                                  "logs without network)")
+    entity: str | None = setting(None, "W&B team or user (default: the logged-in user's)")
+    name: str | None = setting(None, "W&B run name (default: the run directory's name)")
+    group: str | None = setting(None, "W&B run group, e.g. one per sweep")
+    tags: list[str] = setting([], "W&B run tags")
+
+
+@dataclass
+class LoggingSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+    tensorboard: bool = setting(False, "write TensorBoard event files into the run directory's tensorboard/")
+
+
+@dataclass
 class MegolmoConfig:
     model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
     data: DataSection = field(default_factory=DataSection)
@@ -133,6 +149,7 @@ class MegolmoConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     precision: str = setting("fp32", "compute precision; master weights and reductions stay fp32", PRECISIONS)
     fp8: Fp8Section = field(default_factory=Fp8Section)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     load_path: str | None = setting(None, "start from this megolmo checkpoint (its architecture comes with it)")
     reset_trainer_state: bool = setting(
         False, "with load_path: take only the weights (fresh optimizer, step 0, data from the start)")
