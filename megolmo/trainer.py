@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog, MetricsFile, PipelineTimeline,
                                RunSummary, StepRecord, StopRequest, StopRequests)
+from megolmo.callbacks.evaluation import LmEvaluation
 from megolmo.callbacks.stop_requests import parse_duration, process_started
 from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
 from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
@@ -23,6 +25,7 @@ from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
 from megolmo.data.prefetch import Prefetcher
 from megolmo.data.sources import resolve_sources
 from megolmo.errors import MegolmoConfigError
+from megolmo.evaluation.lm import HeldOutSet, build_held_out_sets
 from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
@@ -54,9 +57,9 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
                                  f"{cfg.max_position_embeddings}")
 
 
-def default_callbacks(cfg: DictConfig, pipelined: bool) -> list[Callback]:
-    """In call order: the summary first (written before step 1), the timeline before the step's metrics,
-    the stop decision before the checkpoint, the checkpoint last (after the step is logged)."""
+def default_callbacks(cfg: DictConfig, pipelined: bool, held_out: Sequence[HeldOutSet] = ()) -> list[Callback]:
+    """In call order: the summary first (written before step 1), the timeline and the evaluation before the
+    step's metrics, the stop decision before the checkpoint, the checkpoint last (after the step is logged)."""
     from megolmo.callbacks import TensorBoardLog, WandbLog
 
     t = cfg.trainer
@@ -64,6 +67,8 @@ def default_callbacks(cfg: DictConfig, pipelined: bool) -> list[Callback]:
     if pipelined:
         callbacks.append(PipelineTimeline(list(t.profile_steps)))
     time_limit = parse_duration(t.time_limit) if t.time_limit is not None else None
+    if held_out:
+        callbacks.append(LmEvaluation(list(held_out), cfg.eval.interval))
     callbacks.append(MetricsFile())  # the loggers after it: the same values, metrics.jsonl first
     loggers = cfg.get("logging")
     if loggers is not None and loggers.wandb.project is not None:
@@ -112,6 +117,8 @@ class Trainer:
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                           self.ps.dp_rank, self.ps.dp, self.model_cfg.eos_token_id,
                                                           sources)
+            self.held_out = build_held_out_sets(cfg.eval.lm.sets, cfg.data, t, self.model_cfg.vocab_size,
+                                                self.model_cfg.eos_token_id, self.ps)
             if p.pipeline > 1:
                 check_schedule_layout(self.schedule, p.pipeline, p.virtual_pipeline, self.loader.num_micro_batches,
                                       bool(t.compile))
@@ -131,7 +138,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.records: list[StepRecord] = []
         self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
-        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1) if callbacks is None
+        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1, self.held_out) if callbacks is None
                                       else callbacks)
 
     def continues_its_stage(self, checkpoint: Path, state: dict) -> bool:

@@ -19,6 +19,7 @@ N_TOKENS = 40_000
 SEQ = 32
 LAYOUTS = {  # name: (ranks, masked, overrides)
     "dp2": (2, False, ["trainer.micro_batch_size=1"]),
+    "tp2-sp": (2, False, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "dp2-distopt-mbs2": (2, False, ["parallel.distributed_optimizer=true", "trainer.micro_batch_size=2"]),
     "dp4-mbs2": (4, False, ["trainer.micro_batch_size=2"]),
     "dp4-distopt": (4, False, ["parallel.distributed_optimizer=true", "trainer.micro_batch_size=1",
@@ -52,7 +53,9 @@ def data(tmp_path_factory) -> dict[str, list[str]]:
     # Label masks whose density changes from instance to instance, so DP ranks see very different counts.
     density = np.repeat(np.random.default_rng(5).choice([0.02, 0.3, 0.95], N_TOKENS // SEQ + 1), SEQ)[:N_TOKENS]
     (np.random.default_rng(6).random(N_TOKENS) < density).astype(np.uint8).tofile(base / "mask.npy")
-    return {"plain": [f"data.paths=[{tokens}]"],
+    held_out = write_tokens(base / "held_out.npy", 50 * SEQ, 300, seed=9)  # 50 instances: a padded last batch
+    evaluation = [f"eval.lm.sets={{held: [{held_out}]}}", "eval.interval=5"]
+    return {"plain": [f"data.paths=[{tokens}]"], "eval": evaluation,
             "masked": [f"data.paths=[{tokens}]", f"data.label_mask_paths=[{base / 'mask.npy'}]"]}
 
 
@@ -62,7 +65,7 @@ def runs(tmp_path_factory, data) -> dict[str, Path]:
     done = {}
     plan = {"single": (1, False, []), "single-masked": (1, True, []), **LAYOUTS}
     for name, (ranks, masked, extra) in plan.items():
-        result = run_entry_point(overrides(base / name, data["masked" if masked else "plain"], *extra),
+        result = run_entry_point(overrides(base / name, data["masked" if masked else "plain"] + data["eval"], *extra),
                                  nproc=ranks, timeout=300)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
         done[name] = base / name
@@ -79,6 +82,19 @@ def test_data_parallel_layouts_match_one_process(runs, layout):
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_held_out_evaluation_matches_one_process(runs, layout):
+    """After steps 5 and 10, a forward-only pass over the held-out set (its last batch padded) gives the
+    one-process CE and PPL."""
+    reference = [m for m in metrics(runs["single-masked" if LAYOUTS[layout][1] else "single"]) if "eval/held/CE" in m]
+    got = [m for m in metrics(runs[layout]) if "eval/held/CE" in m]
+    assert [m["step"] for m in got] == [m["step"] for m in reference] == [5, 10]
+    for a, b in zip(reference, got):
+        assert b["eval/held/CE"] == pytest.approx(a["eval/held/CE"], rel=1e-5)
+        assert b["eval/held/PPL"] == pytest.approx(a["eval/held/PPL"], rel=1e-5)
+    assert 0 < got[-1]["eval/held/CE"] < got[0]["eval/held/CE"] * 1.5
 
 
 def test_masked_data_is_really_uneven_across_ranks(data):

@@ -8,7 +8,7 @@ left to global rank 0. A hook that raises is reported as ``CallbackError`` namin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ class StepRecord:
     step_time_s: float  # wall time of the step; it ends by reading its results, so GPU work is included
     peak_allocated_gb: float | None  # CUDA: peak memory this step allocated, and the allocator reserved
     peak_reserved_gb: float | None
+    extra: dict[str, float] = field(default_factory=dict)  # named metrics callbacks add (eval/<set>/CE, ...)
+
+    def row(self) -> dict[str, Any]:
+        """The step as one flat ``metrics.jsonl`` object, which every logger receives too."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return {**fields, **self.extra}
 
 
 class CallbackError(RuntimeError):

@@ -6,4 +6,4 @@ from megolmo.callbacks.base import Callback, StepRecord
 
 class MetricsFile(Callback):
     def on_step_end(self, trainer, record: StepRecord) -> None:
-        trainer.run_dir.append_metrics(record.__dict__)
+        trainer.run_dir.append_metrics(record.row())

@@ -43,7 +43,7 @@ def compose_config(overrides: list[str], conf_dir: Path) -> DictConfig:
     register()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            return compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=[assignable(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as error:
         raise MegolmoConfigError(describe_composition_error(error, overrides, conf_dir)) from None
 
@@ -66,6 +66,23 @@ def describe_composition_error(error: BaseException, overrides: list[str], conf_
     if bad is not None:
         return f"cannot parse the override {bad!r}: {first_line(str(error))}"
     return first_line(str(error))
+
+
+def assignable(override: str) -> str:
+    """``eval.lm.sets={name: [...]}`` or ``eval.lm.sets.name=[...]`` as ``++...``: Hydra merges a plain
+    assignment into the struct-locked dict, refusing its new keys, while a dict-typed field is meant to
+    take them."""
+    key, sep, _ = override.partition("=")
+    if not sep or key[:1] in "+~" or "/" in key:
+        return override
+    parts = key.split(".")
+    for i in range(len(parts)):
+        schema = section_schema(".".join(parts[:i]))
+        if schema is None:
+            break
+        if typing.get_origin(typing.get_type_hints(schema).get(parts[i])) is dict:
+            return f"++{override}"
+    return override
 
 
 def innermost_config_error(error: BaseException) -> OmegaConfBaseException | None:

@@ -141,6 +141,19 @@ class LoggingSection:
 
 
 @dataclass
+class LmEvalSection:
+    sets: dict[str, list[str]] = setting(
+        {}, "held-out sets, name -> token files (rooted and typed like data.paths), e.g. {c4_en-validation: [...]}")
+
+
+@dataclass
+class EvalSection:
+    interval: int | None = setting(None, "evaluate every this many steps (and after the job's last step); "
+                                   "null: after the last step only")
+    lm: LmEvalSection = field(default_factory=LmEvalSection)
+
+
+@dataclass
 class MegolmoConfig:
     model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
     data: DataSection = field(default_factory=DataSection)
@@ -150,6 +163,7 @@ class MegolmoConfig:
     precision: str = setting("fp32", "compute precision; master weights and reductions stay fp32", PRECISIONS)
     fp8: Fp8Section = field(default_factory=Fp8Section)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     load_path: str | None = setting(None, "start from this megolmo checkpoint (its architecture comes with it)")
     reset_trainer_state: bool = setting(
         False, "with load_path: take only the weights (fresh optimizer, step 0, data from the start)")

@@ -44,6 +44,7 @@ class GlobalBatchLoader:
         micro_batch_size: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        limit: int | None = None,
     ) -> None:
         if not isinstance(global_batch_size, int) or global_batch_size < 1:
             raise MegolmoConfigError(f"trainer.global_batch_size={global_batch_size!r}: expected a positive integer")
@@ -67,6 +68,12 @@ class GlobalBatchLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.num_micro_batches = per_rank // micro_batch_size
+        self.limit = limit  # rows from this index on are padding that carries no loss (a last partial batch)
+
+    def _padding(self) -> dict[str, torch.Tensor]:
+        seq_len = self.dataset.seq_len
+        return {"input_ids": torch.zeros(seq_len, dtype=torch.long), "label_mask": torch.zeros(seq_len, dtype=torch.bool),
+                "instance_mask": torch.tensor(True)}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         return self.read_step(step).micro_batches
@@ -76,7 +83,8 @@ class GlobalBatchLoader:
         what its rows contribute to the step's loss denominator."""
         per_rank = self.global_batch_size // self.dp_size
         first = step * self.global_batch_size + self.dp_rank * per_rank
-        rows = [self.dataset[i] for i in range(first, first + per_rank)]
+        rows = [self.dataset[i] if self.limit is None or i < self.limit else self._padding()
+                for i in range(first, first + per_rank)]
         micro_batches = []
         for m in range(0, per_rank, self.micro_batch_size):
             chunk = rows[m : m + self.micro_batch_size]

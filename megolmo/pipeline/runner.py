@@ -63,8 +63,25 @@ class PipelineRunner:
     def run(self, micro_batches: list[dict[str, torch.Tensor]], loss_tokens: int, z_loss: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's forwards and backwards; summed CE and logsumexp^2 (non-zero where the head is)."""
-        device = self.ps.device
         self._loss_tokens, self._z_loss, self._sums = loss_tokens, z_loss, []
+        args, target = self._inputs(micro_batches)
+        self.activity.start_step()
+        self.schedule.step(*args, target=target, return_outputs=False)
+        self.last_record = self.activity.finish_step()
+        return self._summed()
+
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The same micro-batches forward only (the library's ``eval``); summed CE where the head is."""
+        self._loss_tokens, self._z_loss, self._sums = 1, 0.0, []
+        args, target = self._inputs(micro_batches)
+        self.activity.start_step()
+        self.schedule.eval(*args, target=target)
+        self.activity.finish_step()  # the timeline keeps the last training step's record
+        return self._summed()[0]
+
+    def _inputs(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[tuple, torch.Tensor | None]:
+        """Token ids for the first stage; targets stacked with the loss mask for the last."""
+        device = self.ps.device
         args = ()
         if self.holds_first:  # each micro-batch copied from the prefetcher's pinned memory, then joined
             args = (torch.cat([b["input_ids"].to(device, non_blocking=True) for b in micro_batches]),)
@@ -73,9 +90,9 @@ class PipelineRunner:
             pairs = [shift_targets(b["input_ids"].to(device, non_blocking=True),
                                    b["label_mask"].to(device, non_blocking=True)) for b in micro_batches]
             target = torch.cat([torch.stack([t, m.long()], dim=1) for t, m in pairs])
-        self.activity.start_step()
-        self.schedule.step(*args, target=target, return_outputs=False)
-        self.last_record = self.activity.finish_step()
-        total = torch.stack(self._sums).sum(0) if self._sums else torch.zeros(2, device=device)
+        return args, target
+
+    def _summed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.stack(self._sums).sum(0) if self._sums else torch.zeros(2, device=self.ps.device)
         self._sums = []
         return total[0], total[1]

@@ -35,3 +35,14 @@ def forward_backward(model: Olmo2ForCausalLM, micro_batches: list[dict[str, torc
         ce_total += ce_sum
         z_total += z_sum
     return ce_total, z_total
+
+
+def forward_only(model: Olmo2ForCausalLM, micro_batches: list[dict[str, torch.Tensor]], device: torch.device
+                 ) -> torch.Tensor:
+    """This rank's summed cross-entropy over the micro-batches, without gradients (evaluation)."""
+    total = torch.zeros((), device=device)
+    with torch.no_grad():
+        for batch in micro_batches:
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            total += micro_batch_loss(model, input_ids, batch, 1, 0.0, device)[1]
+    return total

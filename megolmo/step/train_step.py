@@ -21,7 +21,7 @@ from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.runner import PipelineRunner
 from megolmo.step.chunks import ChunkSettings, build_chunks
-from megolmo.step.loss import forward_backward
+from megolmo.step.loss import forward_backward, forward_only
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,16 @@ class TrainStep:
         sums = all_reduce_sum(all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group), self.ps.pp_group)
         grad_norm = self.optimizer.step(lr)
         return StepResult(float(sums[0]), float(sums[1]), grad_norm)
+
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """Forward only over this rank's micro-batches of a batch shaped like a training step's: the summed
+        cross-entropy of the whole global batch, on every rank. Weights, gradients and optimizer untouched."""
+        if self.pipeline is None:
+            ce = forward_only(self.chunks[0], micro_batches, self.ps.device)
+        else:
+            with torch.no_grad():
+                ce = self.pipeline.evaluate(micro_batches)
+        return float(all_reduce_sum(all_reduce_sum(ce, self.ps.dp_group), self.ps.pp_group))
 
 
 def build_train_step(ps: ParallelState, settings: StepSettings, chunk_settings: ChunkSettings | None = None,
