@@ -41,26 +41,31 @@ def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
 
 
 def test_loggers_hold_metrics_values_and_resume_the_same_wandb_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    pytest.importorskip("tensorboard")
     for key in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR"):
         monkeypatch.setenv(f"WANDB_{key}", str(tmp_path / f"wandb_{key.lower()}"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     tokens = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
-    Trainer(load_config(overrides(tmp_path, tokens, "trainer.stop_at=2"))).fit()
-    Trainer(load_config(overrides(tmp_path, tokens))).fit()  # resumes from step 2
+    held_out = write_tokens(tmp_path / "held_out.npy", 320, 300, seed=3)
+    evaluation = [f"eval.lm.sets={{held: [{held_out}]}}", "eval.interval=2"]  # eval/held/* on steps 2 and 4
+    Trainer(load_config(overrides(tmp_path, tokens, "trainer.stop_at=2", *evaluation))).fit()
+    Trainer(load_config(overrides(tmp_path, tokens, *evaluation))).fit()  # resumes from step 2
 
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     expected = {m["step"]: {k: v for k, v in m.items() if k != "step" and v is not None} for m in metrics}
 
+    assert "eval/held/CE" in expected[2] and "eval/held/CE" not in expected[1]
+
+    def tag(key: str) -> str:
+        return key if "/" in key else f"train/{key}"
+
     scalars = tensorboard_scalars(run / "tensorboard")
-    assert set(scalars) == {f"train/{k}" for k in expected[1]}
+    assert set(scalars) == {tag(k) for values in expected.values() for k in values}
     for step, values in expected.items():
         for key, value in values.items():
-            assert scalars[f"train/{key}"][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (step, key)
+            assert scalars[tag(key)][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (step, key)
 
     run_id = (run / "wandb_run_id").read_text().strip()
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))

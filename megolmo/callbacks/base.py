@@ -39,6 +39,10 @@ class StepRecord:
         fields = {k: v for k, v in self.__dict__.items() if k != "extra"}
         return {**fields, **self.extra}
 
+    def numbers(self) -> dict[str, int | float]:
+        """The row's numbers, for loggers; None (e.g. MFU on CPUs) is left out."""
+        return {k: v for k, v in self.row().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
 
 class CallbackError(RuntimeError):
     """A callback's hook raised: the message names the callback and the hook, in one line."""

@@ -1,5 +1,5 @@
 """TensorBoard logging (``logging.tensorboard=true``): each step's numbers, the same values
-``metrics.jsonl`` holds (that file stays the source of truth), as scalars ``train/<field>`` in event
+``metrics.jsonl`` holds (that file stays the source of truth), as scalars ``train/<field>`` (evaluations under their own ``eval/...`` names) in event
 files under ``<run_dir>/tensorboard``.
 
 A resumed job appends a new event file to the same directory; steps after the checkpoint it resumes
@@ -10,7 +10,7 @@ without the ``tensorboard`` package.
 from __future__ import annotations
 
 from megolmo.callbacks.base import Callback, StepRecord
-from megolmo.callbacks.wandb_log import numeric_fields, require
+from megolmo.callbacks.wandb_log import require
 
 LOG_DIR = "tensorboard"
 
@@ -31,10 +31,10 @@ class TensorBoardLog(Callback):
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
         if self.writer is not None:
-            values = numeric_fields(record)
+            values = record.numbers()
             step = values.pop("step")
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, global_step=step)
+            for key, value in values.items():  # eval/<set>/CE keeps its name; the step's own fields are train/
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, global_step=step)
 
     def on_end(self, trainer) -> None:
         self.close()

@@ -20,11 +20,6 @@ from megolmo.errors import MegolmoConfigError
 RUN_ID_FILE = "wandb_run_id"
 
 
-def numeric_fields(record: StepRecord) -> dict[str, int | float]:
-    """The record's numbers as ``metrics.jsonl`` has them; None (e.g. MFU on CPUs) is left out."""
-    return {k: v for k, v in record.__dict__.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def new_run_id() -> str:
     """Eight lowercase letters and digits, like the ids W&B makes itself."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -57,7 +52,7 @@ class WandbLog(Callback):
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
         if self.run is not None:
-            values = numeric_fields(record)
+            values = record.numbers()
             step = values.pop("step")
             self.run.log(values, step=step)
 
