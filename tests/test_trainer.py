@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -89,6 +90,15 @@ def test_entry_point_trains_and_reports(tmp_path, tokens):
     assert result.returncode == 0, result.stderr
     assert "step      3/3 | loss" in result.stdout and "tok/s" in result.stdout and "ETA" in result.stdout
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+    # the start-up block: 60,000 tokens = 937 instances of 64; 3 steps of 8 take 0.0256 epochs
+    lines = result.stdout.splitlines()
+    host = socket.gethostname()
+    assert f"layout: 1 ranks = tensor 1 x pipeline 1 x data 1; 1 node(s): {host}: ranks 0" in lines
+    assert "data: 60K tokens in 1 file(s), 937 instances of 64; 512 tokens per step; the run takes 0.0256 epoch(s)" \
+        in lines
+    assert any(line.startswith("parameters: ") and "optimizer state" in line for line in lines)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["nodes"] == {host: [0]} and summary["data"]["instances_per_epoch"] == 937
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tokens):

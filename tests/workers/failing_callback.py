@@ -21,7 +21,7 @@ class FlakyLogger(Callback):
 
 
 _defaults = trainer.default_callbacks
-trainer.default_callbacks = lambda cfg, pipelined: [*_defaults(cfg, pipelined), FlakyLogger()]
+trainer.default_callbacks = lambda *args: [*_defaults(*args), FlakyLogger()]
 
 if __name__ == "__main__":
     train.main()
