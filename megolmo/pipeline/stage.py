@@ -82,6 +82,15 @@ class ObservedStage(PipelineStage):
         if full_backward:
             self.activity.hold(-1)
 
+    def get_local_bwd_output(self, mb_index):
+        """torch's runtime schedules run their backward actions in ``eval`` too, where they are no-ops,
+        except the hand-over between a V's two chunks on one rank (zbv), which asserts: none to hand over."""
+        return super().get_local_bwd_output(mb_index) if self.has_backward else None
+
+    def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index):
+        if self.has_backward:
+            super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
+
     def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
         before = [self._gradient_count(p) for p in self._params]
         with self._span("W", bwd_chunk_id):
