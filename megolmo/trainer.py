@@ -18,6 +18,7 @@ from torch import nn
 from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog, MetricsFile, PipelineTimeline,
                                RunSummary, StepRecord, StopRequest, StopRequests)
 from megolmo.callbacks.evaluation import LmEvaluation
+from megolmo.callbacks.plots import LossPlots
 from megolmo.callbacks.stop_requests import parse_duration, process_started
 from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
 from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
@@ -76,8 +77,9 @@ def default_callbacks(cfg: DictConfig, pipelined: bool, held_out: Sequence[HeldO
         callbacks.append(WandbLog(w.project, w.entity, w.name, w.group, list(w.tags)))
     if loggers is not None and loggers.tensorboard:
         callbacks.append(TensorBoardLog())
-    return callbacks + [ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
-                        Checkpointing(t.save_interval)]
+    callbacks += [ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
+                  Checkpointing(t.save_interval)]
+    return callbacks + [LossPlots()] if t.plots else callbacks
 
 
 class Trainer:
@@ -138,6 +140,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.records: list[StepRecord] = []
         self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
+        self.batches = Prefetcher(self.loader.read_step, (), 0, False)  # steps run outside fit read in place
         self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1, self.held_out) if callbacks is None
                                       else callbacks)
 

@@ -18,7 +18,8 @@ from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
 ADDED_SUMMARY_KEYS = {"pipeline_schedule", "run_dir", "nodes", "data"}  # new with the schedules; the rest of summary.json is unchanged
 ADDED_BUBBLE_KEYS = {"schedule"}
-ADDED_CONSOLE_PREFIXES = ("layout: ", "parameters: ", "data: ")  # the start-up block
+ADDED_CONSOLE_PREFIXES = ("layout: ", "parameters: ", "data: ", "plots: ")  # the start-up block, the pictures
+ADDED_FILES = {"loss.png"}
 ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances", "step_time_s", "peak_allocated_gb", "peak_reserved_gb"}
 LAYOUTS = {"single": (1, []), "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"])}
 
@@ -39,7 +40,8 @@ def observe(run: Path, stdout: str) -> dict:
                for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     seen = {"console": console, "metrics": metrics,
-            "files": sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()),
+            "files": sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()
+                            and str(p.relative_to(run)) not in ADDED_FILES),
             "summary_keys": sorted(set(summary) - ADDED_SUMMARY_KEYS),
             "summary": {k: summary[k] for k in ("model", "precision", "layout", "parameters", "bytes_per_rank_max",
                                                 "steps", "tokens", "final_loss")}}

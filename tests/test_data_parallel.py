@@ -53,7 +53,7 @@ def data(tmp_path_factory) -> dict[str, list[str]]:
     # Label masks whose density changes from instance to instance, so DP ranks see very different counts.
     density = np.repeat(np.random.default_rng(5).choice([0.02, 0.3, 0.95], N_TOKENS // SEQ + 1), SEQ)[:N_TOKENS]
     (np.random.default_rng(6).random(N_TOKENS) < density).astype(np.uint8).tofile(base / "mask.npy")
-    held_out = write_tokens(base / "held_out.npy", 50 * SEQ, 300, seed=9)  # 50 instances: a padded last batch
+    held_out = write_tokens(base / "held_out.npy", 17 * SEQ, 300, seed=9)  # 17 instances: a padded last batch
     evaluation = [f"eval.lm.sets={{held: [{held_out}]}}", "eval.interval=5"]
     return {"plain": [f"data.paths=[{tokens}]"], "eval": evaluation,
             "masked": [f"data.paths=[{tokens}]", f"data.label_mask_paths=[{base / 'mask.npy'}]"]}

@@ -112,6 +112,7 @@ class TrainerSection:
     log_interval: int = setting(1, "print a step line every this many steps")
     compile: bool = setting(False, "torch.compile each transformer block (fuses norms, RoPE, SwiGLU)")
     peak_tflops: float | None = setting(None, "per-device peak for MFU; default: known GPUs, none on CPUs")
+    plots: bool = setting(True, "draw loss.png (and eval_*.png) into the run directory at the end of the job")
     profile_steps: list[int] = setting([], "steps whose pipeline timeline is written into the run directory")
     stage: int = setting(1, "names checkpoints stage{stage}-...")
     ingredient: int | None = setting(None, "stage-2 ingredient number: stage2-ingredient{K}-step...")
