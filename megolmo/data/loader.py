@@ -20,8 +20,9 @@ from megolmo.errors import MegolmoConfigError
 
 @dataclass
 class StepBatch:
-    """One DP rank's share of a step: its micro-batches, its loss-bearing label positions (tokens 1..seq_len-1
-    whose mask is set; summed over DP ranks, the step's loss denominator) and its filtered-out instances."""
+    """One DP rank's share of a step: its micro-batches, its share of the step's loss denominator (label
+    positions 1..seq_len-1 whose mask is set, plus seq_len per filtered-out instance; summed over DP ranks)
+    and its filtered-out instances."""
 
     step: int
     micro_batches: list[dict[str, torch.Tensor]]
