@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m megolmo.train`` (under torchrun when nproc > 1), one thread per rank."""
+    """``python -m megolmo.train`` (under torchrun when nproc > 1), one thread per rank. Without the end-of-job
+    pictures unless a test asks for them (``trainer.plots=true`` after it wins): matplotlib costs each job
+    about a second; ``tests/test_plots.py`` and the in-process runs of ``tests/test_trainer.py`` draw them."""
+    overrides = ["trainer.plots=false", *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "megolmo.train", *overrides]
         return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},

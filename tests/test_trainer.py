@@ -38,6 +38,7 @@ def test_run_directory_and_falling_loss(tmp_path, tokens):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["layout"]["world_size"] == 1
     assert summary["parameters"]["total"] > 0 and summary["bytes_per_rank_max"]["optimizer_state"] > 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the end-of-job picture
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seq_len"] == 64
     assert records[-1].loss == metrics[-1]["loss"]
 
