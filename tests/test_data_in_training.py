@@ -104,8 +104,8 @@ def test_a_bad_token_read_by_one_rank_stops_every_rank_with_its_line(tmp_path):
 
 def test_a_uint32_file_read_as_uint16_stops_before_step_1(tmp_path):
     path = write_tokens(tmp_path / "tokens.npy", 4_000, 300, dtype=np.uint32)
-    result = run_entry_point(overrides(tmp_path / "run", f"data.paths=[{path}]"))
-    assert result.returncode == 2 and result.stderr.splitlines() == [
-        f"megolmo: error: token file {path}: every other uint16 id of its first 4096 is 0, as when a uint32 file "
-        "is read with data.dtype=uint16; set data.dtype=uint32"]
-    assert "step" not in result.stdout
+    with pytest.raises(MegolmoConfigError) as error:
+        Trainer(load_config(overrides(tmp_path / "run", f"data.paths=[{path}]")))
+    assert str(error.value) == (f"token file {path}: every other uint16 id of its first 4096 is 0, as when a uint32 "
+                                "file is read with data.dtype=uint16; set data.dtype=uint32")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -18,8 +18,8 @@ LAYOUTS = {  # name: (ranks, reference run, overrides)
     "pp2": (2, "single", ["parallel.pipeline=2", "trainer.profile_steps=[2]"]),
     "pp4": (4, "single", ["parallel.pipeline=4", "trainer.profile_steps=[2]"]),
     "pp2-v2": (2, "single", ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "trainer.profile_steps=[2]"]),
-    "pp2-uneven": (2, "single", ["parallel.pipeline=2", "parallel.pipeline_layers=[3,1]"]),
-    "tp2-pp2-sp": (4, "single", ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "tp2-pp2-sp-uneven": (4, "single", ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
+                                        "parallel.pipeline_layers=[3,1]"]),
     # zero-bubble schedules: label-masked data, data-parallel with ZeRO-1 where there are ranks for it
     "pp2-izb-dp2-zero1": (4, "masked", ["parallel.pipeline=2", "parallel.pipeline_schedule=interleaved_zero_bubble",
                                         "parallel.distributed_optimizer=true", "trainer.profile_steps=[2]"]),
