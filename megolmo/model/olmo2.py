@@ -115,6 +115,14 @@ class Olmo2ForCausalLM(nn.Module):
         mask = loss_mask.flatten().to(ce.dtype)
         return (ce * mask).sum(), (lse.square() * mask).sum()
 
+    def row_cross_entropy_sums(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+                               ) -> torch.Tensor:
+        """Each row's summed cross-entropy over its loss-bearing tokens, vocab-parallel (evaluation: a held-out
+        set sums the rows, a downstream task scores each row's continuation). Consumes ``logits``."""
+        ce, _ = vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), self.lm_head.vocab_start,
+                                             self.lm_head.valid_rows, self.tp.group, consume_logits=True)
+        return (ce.view(targets.shape) * loss_mask.to(ce.dtype)).sum(-1)
+
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits over the true vocabulary, gathered across TP ranks: for tests and evaluation."""
         logits = self(input_ids)

@@ -52,10 +52,16 @@ class PipelineRunner:
         self._loss_tokens = 1
         self._z_loss = 0.0
         self._sums: list[torch.Tensor] = []
+        self._row_sums: torch.Tensor | None = None  # set while evaluating
         self.last_record = ScheduleRecord()
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's share of the global mean (``target`` stacks the targets and the loss mask)."""
+        """The micro-batch's share of the global mean (``target`` stacks the targets and the loss mask); in
+        evaluation ``target`` also carries each row's index, and the rows' sums are kept by index."""
+        if self._row_sums is not None:
+            sums = self.head.row_cross_entropy_sums(logits, target[:, 0], target[:, 1].bool())
+            self._row_sums[target[:, 2, 0]] = sums
+            return sums.sum()
         ce_sum, z_sum = self.head.loss_sums_from_logits(logits, target[:, 0], target[:, 1].bool())
         self._sums.append(torch.stack([ce_sum.detach(), z_sum.detach()]))
         return (ce_sum + self._z_loss * z_sum) / max(self._loss_tokens, 1)
@@ -71,16 +77,22 @@ class PipelineRunner:
         return self._summed()
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """The same micro-batches forward only (the library's ``eval``); summed CE where the head is."""
-        self._loss_tokens, self._z_loss, self._sums = 1, 0.0, []
-        args, target = self._inputs(micro_batches)
+        """The same micro-batches forward only (the library's ``eval``): each row's summed cross-entropy,
+        in micro-batch order, where the head is (zeros on the other stages)."""
+        rows = sum(len(b["input_ids"]) for b in micro_batches)
+        self._row_sums = torch.zeros(rows, device=self.ps.device)
+        args, target = self._inputs(micro_batches, with_rows=True)
         self.activity.start_step()
-        self.schedule.eval(*args, target=target)
-        self.activity.finish_step()  # the timeline keeps the last training step's record
-        return self._summed()[0]
+        try:
+            self.schedule.eval(*args, target=target)
+        finally:
+            self.activity.finish_step()  # the timeline keeps the last training step's record
+            row_sums, self._row_sums = self._row_sums, None
+        return row_sums
 
-    def _inputs(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[tuple, torch.Tensor | None]:
-        """Token ids for the first stage; targets stacked with the loss mask for the last."""
+    def _inputs(self, micro_batches: list[dict[str, torch.Tensor]], with_rows: bool = False
+                ) -> tuple[tuple, torch.Tensor | None]:
+        """Token ids for the first stage; targets stacked with the loss mask (and row indexes) for the last."""
         device = self.ps.device
         args = ()
         if self.holds_first:  # each micro-batch copied from the prefetcher's pinned memory, then joined
@@ -90,6 +102,9 @@ class PipelineRunner:
             pairs = [shift_targets(b["input_ids"].to(device, non_blocking=True),
                                    b["label_mask"].to(device, non_blocking=True)) for b in micro_batches]
             target = torch.cat([torch.stack([t, m.long()], dim=1) for t, m in pairs])
+            if with_rows:
+                rows = torch.arange(len(target), device=device).unsqueeze(-1).expand(-1, target.shape[-1])
+                target = torch.cat([target, rows.unsqueeze(1)], dim=1)
         return args, target
 
     def _summed(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,10 +39,11 @@ def forward_backward(model: Olmo2ForCausalLM, micro_batches: list[dict[str, torc
 
 def forward_only(model: Olmo2ForCausalLM, micro_batches: list[dict[str, torch.Tensor]], device: torch.device
                  ) -> torch.Tensor:
-    """This rank's summed cross-entropy over the micro-batches, without gradients (evaluation)."""
-    total = torch.zeros((), device=device)
+    """Each row's summed cross-entropy over its label tokens, micro-batches in order, without gradients."""
+    rows = []
     with torch.no_grad():
         for batch in micro_batches:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
-            total += micro_batch_loss(model, input_ids, batch, 1, 0.0, device)[1]
-    return total
+            targets, loss_mask = shift_targets(input_ids, batch["label_mask"].to(device, non_blocking=True))
+            rows.append(model.row_cross_entropy_sums(model(input_ids), targets, loss_mask))
+    return torch.cat(rows)

@@ -17,6 +17,7 @@ from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
 from megolmo.optim.buffers import FlatBuffers
 from megolmo.optim.grad_sync import GradientSynchronizer
+from megolmo.parallel.collectives import all_gather
 from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.runner import PipelineRunner
@@ -89,15 +90,20 @@ class TrainStep:
         grad_norm = self.optimizer.step(lr)
         return StepResult(float(sums[0]), float(sums[1]), grad_norm)
 
-    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
-        """Forward only over this rank's micro-batches of a batch shaped like a training step's: the summed
-        cross-entropy of the whole global batch, on every rank. Weights, gradients and optimizer untouched."""
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward only over this rank's micro-batches of a batch shaped like a training step's: each row's
+        summed cross-entropy over its label tokens, for the whole global batch in row order, on every rank
+        (fp64, host). Weights, gradients and optimizer untouched."""
         if self.pipeline is None:
-            ce = forward_only(self.chunks[0], micro_batches, self.ps.device)
+            rows = forward_only(self.chunks[0], micro_batches, self.ps.device)
         else:
             with torch.no_grad():
-                ce = self.pipeline.evaluate(micro_batches)
-        return float(all_reduce_sum(all_reduce_sum(ce, self.ps.dp_group), self.ps.pp_group))
+                rows = all_reduce_sum(self.pipeline.evaluate(micro_batches), self.ps.pp_group)
+        if self.ps.dp > 1:  # every data-parallel rank holds an equal, contiguous slice of the rows
+            slices = [torch.empty_like(rows) for _ in range(self.ps.dp)]
+            all_gather(slices, rows, self.ps.dp_group)
+            rows = torch.cat(slices)
+        return rows.double().cpu()
 
 
 def build_train_step(ps: ParallelState, settings: StepSettings, chunk_settings: ChunkSettings | None = None,
