@@ -40,3 +40,15 @@ def check_start_point(run_dir: str | None, load_path: Path | None, reset_trainer
                 "trainer.max_steps, or set reset_trainer_state=true to start a new schedule from its weights")
         return load_path, state
     return None
+
+
+def stage_start_lr(load_path: Path | None) -> float:
+    """The learning rate ``load_path``'s schedule stood at at its step (``optim.lr_from_load_path``): where
+    OLMo 2's stage 2 starts its linear decay, read rather than typed in."""
+    if load_path is None:
+        raise MegolmoConfigError("optim.lr_from_load_path=true needs load_path (the stage-1 checkpoint)")
+    state = verify_checkpoint(load_path) if (load_path / TRAINER_STATE).exists() else {}
+    if "lr" not in state:
+        raise MegolmoConfigError(f"load_path={load_path} does not record its learning rate (no trainer state, or "
+                                 "saved before megolmo recorded it): give optim.lr instead of optim.lr_from_load_path")
+    return float(state["lr"])

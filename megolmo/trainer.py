@@ -40,7 +40,7 @@ from megolmo.parallel.state import check_layout, initialize
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from megolmo.run_dir import RunDirectory, choose_run_dir
-from megolmo.start_point import check_start_point
+from megolmo.start_point import check_start_point, stage_start_lr
 from megolmo.step import ChunkSettings, StepSettings, build_train_step
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: GEMM inputs only
@@ -100,6 +100,7 @@ class Trainer:
         self.load_path = resolve_checkpoint(Path(cfg.load_path)) if cfg.load_path else None
         if self.load_path is not None and not self.load_path.exists():
             raise MegolmoConfigError(f"load_path={cfg.load_path}: no such checkpoint")
+        self.peak_lr = stage_start_lr(self.load_path) if cfg.optim.lr_from_load_path else cfg.optim.lr
         resume_point = check_start_point(t.run_dir, self.load_path, bool(cfg.reset_trainer_state), t.max_steps,
                                          t.stop_at)
         if t.time_limit is not None:
@@ -163,7 +164,7 @@ class Trainer:
 
     def step_settings(self) -> StepSettings:
         o, p, t = self.cfg.optim, self.cfg.parallel, self.cfg.trainer
-        return StepSettings(AdamWSettings(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
+        return StepSettings(AdamWSettings(self.peak_lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
                             self.loader.num_micro_batches, t.micro_batch_size, self.cfg.data.seq_len, o.z_loss,
                             int(p.bucket_size), bool(p.distributed_optimizer), bool(p.overlap_grad_reduce),
                             self.schedule, p.virtual_pipeline, self.kernels.optimizer)
@@ -189,8 +190,8 @@ class Trainer:
             return loaded.step, latest
         if self.load_path is not None:
             loaded = CheckpointManager.load(self.load_path, self.optimizer,
-                                            weights_only=bool(self.cfg.reset_trainer_state), chunks=self.chunks)
-            return loaded.step, self.load_path
+                                            weights_only=bool(self.cfg.reset_optimizer_state), chunks=self.chunks)
+            return (0 if self.cfg.reset_trainer_state else loaded.step), self.load_path
         return 0, None
 
     def save(self, step: int) -> None:
@@ -198,6 +199,7 @@ class Trainer:
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
+                 "lr": self.learning_rate(step),  # where the schedule stands: a stage 2 starts from it
                  "stage": t.stage, "ingredient": t.ingredient,
                  "data_seed": self.cfg.data.seed, FINGERPRINT_KEY: self.data_fingerprint,
                  "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp, "data": self.ps.dp}}
@@ -231,16 +233,19 @@ class Trainer:
 
     def train_step(self, step: int) -> StepRecord:
         started = time.perf_counter()
-        o = self.cfg.optim
-        lr = learning_rate(step, o.lr, o.warmup_steps, self.max_steps, o.schedule, o.final_lr_ratio)
+        lr = self.learning_rate(step)
         batch, loss_tokens, masked, waited = self.read_batch(step)
         result = self.step_fn.run(batch.micro_batches, loss_tokens, lr)
         step_time = time.perf_counter() - started
         tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
-        return StepRecord(step + 1, result.ce_sum / loss_tokens, o.z_loss * result.z_sum / loss_tokens,
+        return StepRecord(step + 1, result.ce_sum / loss_tokens, self.cfg.optim.z_loss * result.z_sum / loss_tokens,
                           result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu, waited,
                           masked, step_time, *self.peak_memory_gb())
+
+    def learning_rate(self, step: int) -> float:
+        o = self.cfg.optim
+        return learning_rate(step, self.peak_lr, o.warmup_steps, self.max_steps, o.schedule, o.final_lr_ratio)
 
     def peak_memory_gb(self) -> tuple[float | None, float | None]:
         """This step's peak allocated and reserved CUDA memory (None on CPUs); the peaks restart each step."""

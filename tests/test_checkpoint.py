@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from megolmo.checkpoint.manager import checkpoint_name
+from megolmo.checkpoint.manager import MANIFEST, checkpoint_name
 from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
+from megolmo.optim.schedule import learning_rate
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, run_entry_point
@@ -104,17 +106,54 @@ def test_names_rotation_and_kept_steps(tmp_path, tokens):
     assert state["step"] == 10 and state["tokens"] == 10 * 8 * 32
 
 
-def test_load_path_with_reset_trainer_state_takes_weights_only(tmp_path, tokens, straight):
+def test_load_path_with_both_resets_takes_weights_only(tmp_path, tokens, straight):
     source = straight / "checkpoints" / "latest"
     run = tmp_path / "run"
     trainer = Trainer(load_config(overrides(run, tokens, f"load_path={source}", "reset_trainer_state=true",
-                                               "trainer.max_steps=3")))
+                                            "reset_optimizer_state=true", "trainer.max_steps=3")))
     assert trainer.start_step == 0 and trainer.optimizer.step_count == 0
-    assert all(float(m.abs().max()) == 0 for m in trainer.optimizer.exp_avg)
+    assert all(float(m.abs().max()) == 0 for m in trainer.optimizer.exp_avg + trainer.optimizer.exp_avg_sq)
     trainer.fit()
     got = metrics(run)
     assert [m["step"] for m in got] == [1, 2, 3]
     assert got[0]["loss"] < 0.98 * losses(straight)[0]  # trained weights, evaluated on batch 0 again
+
+
+def test_stage_two_keeps_the_moments_and_decays_from_where_stage_one_stood(tmp_path, tokens):
+    """OLMo 2's stage 2: ``reset_trainer_state`` alone restarts step, data and schedule but keeps AdamW's
+    moments bit for bit; the linear decay starts at stage 1's LR at the loaded step and ends at 0."""
+    stage1 = Trainer(load_config(overrides(tmp_path / "stage1", tokens, "trainer.stop_at=5")))
+    stage1.fit()
+    saved = [m.clone() for m in stage1.optimizer.exp_avg + stage1.optimizer.exp_avg_sq]
+    source = tmp_path / "stage1" / "checkpoints" / "latest"
+    stage2 = Trainer(load_config(overrides(tmp_path / "stage2", tokens, f"load_path={source}",
+                                           "reset_trainer_state=true", "optim.lr_from_load_path=true", "optim.lr=9.0",
+                                           "optim.schedule=linear", "optim.warmup_steps=0", "trainer.max_steps=4",
+                                           "trainer.stage=2", "trainer.ingredient=1", "data.seed=5")))
+    assert stage2.start_step == 0 and stage2.optimizer.step_count == 5
+    assert all(torch.equal(a, b) for a, b in zip(stage2.optimizer.exp_avg + stage2.optimizer.exp_avg_sq, saved))
+    stage2.fit()
+    lrs = [m["lr"] for m in metrics(tmp_path / "stage2")]
+    assert lrs[0] == learning_rate(5, 2e-3, 2, STEPS, "cosine") and lrs[-1] == 0.0
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4
+    assert (tmp_path / "stage2" / "checkpoints" / "latest").resolve().name == "stage2-ingredient1-step4-tokens0B"
+
+
+def test_a_stage_lr_needs_a_checkpoint_that_records_it(tmp_path, tokens, straight):
+    with pytest.raises(MegolmoConfigError, match="optim.lr_from_load_path=true needs load_path"):
+        Trainer(load_config(overrides(tmp_path / "a", tokens, "optim.lr_from_load_path=true")))
+    old = tmp_path / "old"
+    import shutil
+    shutil.copytree((straight / "checkpoints" / "latest").resolve(), old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["lr"]  # as written before the learning rate was recorded
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["files"]["trainer_state.json"] = (old / "trainer_state.json").stat().st_size
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MegolmoConfigError, match=f"load_path={old} does not record its learning rate"):
+        Trainer(load_config(overrides(tmp_path / "b", tokens, f"load_path={old}", "reset_trainer_state=true",
+                                      "optim.lr_from_load_path=true")))
 
 
 def test_load_path_without_reset_continues_the_run(tmp_path, tokens, straight):

@@ -73,9 +73,12 @@ class OptimSection:
     eps: float = setting(1.0e-8, "AdamW's epsilon")
     weight_decay: float = setting(0.1, "decoupled weight decay, on everything but the embeddings")
     warmup_steps: int = setting(0, "linear warm-up from 0 to optim.lr over this many steps")
-    schedule: str = setting("cosine", "after warm-up: cosine (to final_lr_ratio x lr), linear (to zero), constant",
+    schedule: str = setting("cosine", "after warm-up: cosine (to final_lr_ratio x lr), linear (to zero at the "
+                            "last step), constant",
                             LR_SCHEDULES)
     final_lr_ratio: float = setting(0.1, "the cosine schedule's final learning rate, as a fraction of optim.lr")
+    lr_from_load_path: bool = setting(
+        False, "stage 2: the peak is the LR load_path's schedule stood at at its step (optim.lr is not used)")
     clip_grad_norm: float = setting(1.0, "global gradient-norm clipping threshold; <= 0 disables clipping")
     z_loss: float = setting(1.0e-5, "weight of the z-loss, mean(logsumexp^2) over loss-bearing tokens")
 
@@ -176,7 +179,9 @@ class MegolmoConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     load_path: str | None = setting(None, "start from this megolmo checkpoint (its architecture comes with it)")
     reset_trainer_state: bool = setting(
-        False, "with load_path: take only the weights (fresh optimizer, step 0, data from the start)")
+        False, "with load_path: step, data position and schedule start afresh (AdamW moments kept where it has them)")
+    reset_optimizer_state: bool = setting(False, "with load_path: fresh AdamW moments (separate from "
+                                          "reset_trainer_state)")
 
 
 GROUP_DEFAULTS = {"data": ("default", DataSection), "optim": ("adamw", OptimSection),

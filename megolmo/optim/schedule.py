@@ -1,5 +1,6 @@
 """Learning-rate schedules: linear warmup, then cosine to ``final_lr_ratio`` x peak (OLMo 2 stage 1),
-linear to zero (stage 2 annealing) or constant. ``step`` counts optimizer steps from 0."""
+linear to zero (stage 2 annealing: from the peak on the first step after warm-up to 0 on the last, as OLMo's
+stage 2 ends) or constant. ``step`` counts optimizer steps from 0."""
 from __future__ import annotations
 
 import math
@@ -24,8 +25,8 @@ def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int, sch
     if schedule == "constant":
         return peak
     decay_steps = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
     if schedule == "linear":
-        return peak * (1.0 - progress)
+        return peak * (1.0 - min(1.0, (step - warmup_steps) / max(1, decay_steps - 1)))
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
     final = peak * final_lr_ratio
     return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
