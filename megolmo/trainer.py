@@ -6,6 +6,7 @@ seconds, not a queue wait plus a model build. Everything that observes or interr
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog
 from megolmo.callbacks.evaluation import Evaluation
 from megolmo.callbacks.plots import LossPlots
 from megolmo.callbacks.stop_requests import parse_duration, process_started
-from megolmo.checkpoint.manager import CheckpointManager, checkpoint_name, resolve_checkpoint
+from megolmo.checkpoint.manager import TRAINER_STATE, CheckpointManager, checkpoint_name, resolve_checkpoint
 from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
 from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
 from megolmo.data.prefetch import Prefetcher
@@ -33,6 +34,7 @@ from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.optim.adamw import AdamWSettings
 from megolmo.optim.schedule import check_schedule, learning_rate
+from megolmo.optim.skip_step import skip_step_settings
 from megolmo.parallel.agree import agree_on_errors
 from megolmo.parallel.bootstrap import discover
 from megolmo.parallel.collectives import all_gather_objects, all_reduce_values, barrier, world_group
@@ -89,6 +91,7 @@ class Trainer:
         self.model_cfg = ModelConfig.from_mapping(cfg.model)
         t, p = cfg.trainer, cfg.parallel
         check_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, t.max_steps)
+        self.skip_step = skip_step_settings(cfg.optim.skip_step)
         if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
             raise MegolmoConfigError(f"trainer.stop_at={t.stop_at}: must be in 1..trainer.max_steps={t.max_steps}")
         if p.virtual_pipeline > 1 and p.pipeline == 1:
@@ -134,6 +137,7 @@ class Trainer:
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
         self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps))
         self.step_fn = build_train_step(self.ps, self.step_settings(), self.chunk_settings())
+        self.schedule_step = 0  # optimizer steps applied in this stage: the LR schedule's position
         self.start_step, self.resumed_from = self.restore()
         self.run_dir.write_config(cfg)
         self.max_steps = t.max_steps
@@ -167,7 +171,7 @@ class Trainer:
         return StepSettings(AdamWSettings(self.peak_lr, tuple(o.betas), o.eps, o.weight_decay, o.clip_grad_norm),
                             self.loader.num_micro_batches, t.micro_batch_size, self.cfg.data.seq_len, o.z_loss,
                             int(p.bucket_size), bool(p.distributed_optimizer), bool(p.overlap_grad_reduce),
-                            self.schedule, p.virtual_pipeline, self.kernels.optimizer)
+                            self.schedule, p.virtual_pipeline, self.kernels.optimizer, self.skip_step)
 
     @property
     def chunks(self) -> list[nn.Module]:
@@ -187,22 +191,36 @@ class Trainer:
         if latest is not None:
             loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False, chunks=self.chunks)
             self.run_dir.truncate_metrics(loaded.step)  # a resumed run recomputes the later steps
+            self.resume_loop(latest, loaded.step)
             return loaded.step, latest
         if self.load_path is not None:
             loaded = CheckpointManager.load(self.load_path, self.optimizer,
                                             weights_only=bool(self.cfg.reset_optimizer_state), chunks=self.chunks)
-            return (0 if self.cfg.reset_trainer_state else loaded.step), self.load_path
+            if self.cfg.reset_trainer_state:
+                return 0, self.load_path
+            self.resume_loop(self.load_path, loaded.step)
+            return loaded.step, self.load_path
         return 0, None
+
+    def resume_loop(self, checkpoint: Path, step: int) -> None:
+        """The schedule's position (steps the guard skipped do not advance it) and the guard's history."""
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        self.schedule_step = state.get("schedule_step", step)
+        if self.step_fn.skip_guard is not None and "skip_step" in state:
+            self.step_fn.skip_guard.load_state_dict(state["skip_step"])
 
     def save(self, step: int) -> None:
         self.callbacks.call("before_save", self, step)
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
-                 "lr": self.learning_rate(step),  # where the schedule stands: a stage 2 starts from it
+                 "schedule_step": self.schedule_step,
+                 "lr": self.learning_rate(self.schedule_step),  # where the schedule stands: a stage 2 starts there
                  "stage": t.stage, "ingredient": t.ingredient,
                  "data_seed": self.cfg.data.seed, FINGERPRINT_KEY: self.data_fingerprint,
                  "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp, "data": self.ps.dp}}
+        if self.step_fn.skip_guard is not None:
+            state["skip_step"] = self.step_fn.skip_guard.state_dict()
         path = self.checkpoints.save(self.optimizer, checkpoint_name(step, tokens, t.stage, t.ingredient), state,
                                      self.model_cfg.to_dict(), self.chunks,
                                      writes_module_state=self.ps.tp_rank == 0 and self.ps.dp_rank == 0)
@@ -233,15 +251,17 @@ class Trainer:
 
     def train_step(self, step: int) -> StepRecord:
         started = time.perf_counter()
-        lr = self.learning_rate(step)
+        lr = self.learning_rate(self.schedule_step)
         batch, loss_tokens, masked, waited = self.read_batch(step)
         result = self.step_fn.run(batch.micro_batches, loss_tokens, lr)
+        self.schedule_step += not result.skipped
         step_time = time.perf_counter() - started
         tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
+        extra = {"skipped_step": int(result.skipped)} if self.step_fn.skip_guard is not None else {}
         return StepRecord(step + 1, result.ce_sum / loss_tokens, self.cfg.optim.z_loss * result.z_sum / loss_tokens,
                           result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu, waited,
-                          masked, step_time, *self.peak_memory_gb())
+                          masked, step_time, *self.peak_memory_gb(), extra=extra)
 
     def learning_rate(self, step: int) -> float:
         o = self.cfg.optim

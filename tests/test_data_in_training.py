@@ -89,9 +89,9 @@ def test_a_bad_token_read_by_one_rank_stops_every_rank_with_its_line(tmp_path):
     prints config errors, stops with the same line, after three whole steps."""
     path = write_tokens(tmp_path / "tokens.npy", 20_000, 300)
     dataset = TokenDataset([path], 32, "uint16", vocab_size=300, seed=0)
-    index = next(i for i in (14, 15) if dataset._locate(i)[1] != 0)  # rows 14, 15: step 3's second half
+    index = next(i for i in (14, 15) if dataset.locate(i)[1] != 0)  # rows 14, 15: step 3's second half
     tokens = np.memmap(path, dtype=np.uint16, mode="r+")
-    tokens[dataset._locate(index)[1] * 32 + 5] = 999
+    tokens[dataset.locate(index)[1] * 32 + 5] = 999
     tokens.flush()
     result = run_entry_point(overrides(tmp_path / "run", f"data.paths=[{path}]", "trainer.save_interval=100",
                                        "parallel.timeout_s=60"), nproc=2, timeout=240)

@@ -33,6 +33,9 @@ class ConsoleLog(Callback):
         self._started = time.perf_counter()
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
+        if record.extra.get("skipped_step"):
+            trainer.log(f"step {record.step}: update skipped by the skip-step guard (loss {record.loss:.4f}, "
+                        f"gnorm {record.grad_norm:.3f}); the schedule stays at lr {record.lr:.2e}")
         if record.step % self.log_interval == 0 or record.step == trainer.last_step:
             done = record.step - trainer.start_step
             eta = (time.perf_counter() - self._started) / done * (trainer.last_step - record.step)

@@ -4,7 +4,10 @@ Everything streams tensor by tensor (see ``reader.py``, ``writer.py`` and ``safe
 converting a model needs memory for about one tensor, not the model.
 
     python tools/convert_checkpoint.py hf-to-megolmo HF_DIR CKPT_DIR
-    python tools/convert_checkpoint.py megolmo-to-hf CKPT_DIR HF_DIR [--dtype bf16|fp32] [--tokenizer DIR]
+    python tools/convert_checkpoint.py megolmo-to-hf CKPT_DIR HF_DIR [--dtype bf16|fp32] [--tokenizer FILE|DIR]
+        [--chat-template olmo2]
+
+The tokenizer side (``--tokenizer``, ``--chat-template``, generation_config.json) is ``hf_tokenizer.py``'s.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from megolmo.checkpoint.hf_tokenizer import TokenizerExport, add_tokenizer_arguments
 from megolmo.checkpoint.reader import MegolmoCheckpoint, TensorSource, check_tensors, expected_tensors, \
     is_megolmo_checkpoint, return_freed_memory_promptly
 from megolmo.checkpoint.safetensors_stream import SafetensorsWriter, TensorInfo, nbytes, parse_size, plan_shards, \
@@ -29,11 +33,8 @@ from megolmo.model.hf_config import from_hf_config_dict, to_hf_config_dict
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-GENERATION_CONFIG = "generation_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some exporters save; not weights
 
 
@@ -133,30 +134,15 @@ def hf_config_json(source: TensorSource, dtype: torch.dtype) -> dict[str, Any]:
     return {**to_hf_config_dict(source.config), "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
 
 
-def copy_tokenizer(tokenizer: Path, directory: Path) -> list[str]:
-    tokenizer = Path(tokenizer)
-    if tokenizer.is_file():
-        shutil.copy2(tokenizer, directory / tokenizer.name)
-        return [tokenizer.name]
-    if not tokenizer.is_dir():
-        raise MegolmoConfigError(f"--tokenizer {tokenizer}: no such file or directory")
-    copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
-    if not copied:
-        raise MegolmoConfigError(f"--tokenizer {tokenizer}: no tokenizer files in it (looked for "
-                                 f"{', '.join(TOKENIZER_FILES[:3])}, ...)")
-    for name in copied:
-        shutil.copy2(tokenizer / name, directory / name)
-    return copied
-
-
 def write_hf(source: TensorSource, directory: Path, dtype: torch.dtype = torch.float32,
-             max_shard_size: str | int = "5GB", tokenizer: Path | None = None) -> Path:
+             max_shard_size: str | int = "5GB", tokenizer: Path | None = None,
+             chat_template: str | None = None) -> Path:
     """An ``Olmo2ForCausalLM`` directory: config.json, generation_config.json, safetensors (one file, or
-    shards named as transformers names them plus their index), and the tokenizer files if given."""
+    shards named as transformers names them plus their index), and the tokenizer files if given (see
+    ``hf_tokenizer.py``: a tokenizer.json file gets OLMo 2's configs, ``chat_template`` its chat template)."""
     directory = Path(directory)
     max_bytes = parse_size(max_shard_size)
-    if tokenizer is not None and not Path(tokenizer).exists():
-        raise MegolmoConfigError(f"--tokenizer {tokenizer}: no such file or directory")
+    extras = TokenizerExport.prepare(source, tokenizer, chat_template)  # checked before anything is written
     tmp = prepare_output(directory)
     return_freed_memory_promptly()
     try:
@@ -176,11 +162,7 @@ def write_hf(source: TensorSource, directory: Path, dtype: torch.dtype = torch.f
                      "weight_map": {name: file for file, shard in zip(names, shards) for name, _, _ in shard}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(hf_config_json(source, dtype), indent=2) + "\n")
-        cfg = source.config
-        generation = {"bos_token_id": None, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            copy_tokenizer(Path(tokenizer), tmp)
+        extras.write(tmp)  # generation_config.json, and the tokenizer's files
         finish_output(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +177,7 @@ def hf_to_megolmo(hf_dir: Path, ckpt_dir: Path) -> TensorSource:
 
 
 def megolmo_to_hf(ckpt: Path, hf_dir: Path, dtype: str = "fp32", tokenizer: Path | None = None,
-                  max_shard_size: str | int = "5GB") -> TensorSource:
+                  max_shard_size: str | int = "5GB", chat_template: str | None = None) -> TensorSource:
     if dtype not in DTYPES:
         raise MegolmoConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     ckpt = Path(ckpt)
@@ -203,7 +185,7 @@ def megolmo_to_hf(ckpt: Path, hf_dir: Path, dtype: str = "fp32", tokenizer: Path
         raise MegolmoConfigError(f"checkpoint {ckpt}: this is a Hugging Face directory, not a megolmo checkpoint "
                                  "(use hf-to-megolmo)")
     source = MegolmoCheckpoint(ckpt)
-    write_hf(source, Path(hf_dir), DTYPES[dtype], max_shard_size, tokenizer)
+    write_hf(source, Path(hf_dir), DTYPES[dtype], max_shard_size, tokenizer, chat_template)
     return source
 
 
@@ -215,12 +197,13 @@ def convert_main(argv: list[str] | None = None) -> int:
     to_megolmo = sub.add_parser("hf-to-megolmo", help="HF directory -> weights-only megolmo checkpoint (fp32)")
     to_megolmo.add_argument("hf_dir", type=Path)
     to_megolmo.add_argument("ckpt_dir", type=Path)
-    to_hf = sub.add_parser("megolmo-to-hf", help="megolmo checkpoint (or run / checkpoints dir) -> HF directory")
+    to_hf = sub.add_parser("megolmo-to-hf", help="megolmo checkpoint (or run / checkpoints dir) -> HF directory "
+                           "(with generation_config.json, and the tokenizer given by --tokenizer)")
     to_hf.add_argument("ckpt_dir", type=Path)
     to_hf.add_argument("hf_dir", type=Path)
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="safetensors dtype (default fp32)")
-    to_hf.add_argument("--tokenizer", type=Path, default=None, help="copy tokenizer files from this directory")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    add_tokenizer_arguments(to_hf)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -228,7 +211,8 @@ def convert_main(argv: list[str] | None = None) -> int:
             source = hf_to_megolmo(args.hf_dir, args.ckpt_dir)
             out = args.ckpt_dir
         else:
-            source = megolmo_to_hf(args.ckpt_dir, args.hf_dir, args.dtype, args.tokenizer, args.max_shard_size)
+            source = megolmo_to_hf(args.ckpt_dir, args.hf_dir, args.dtype, args.tokenizer, args.max_shard_size,
+                                   args.chat_template)
             out = args.hf_dir
     except MegolmoConfigError as error:
         print(f"megolmo: error: {error}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 ingredients are averaged.
 
     python tools/soup.py --output OUT [--format megolmo|hf] [--weights W1 W2 ...] IN1 IN2 ...
+        [--tokenizer FILE|DIR] [--chat-template olmo2]     # these two with --format hf
 
 Inputs may be megolmo checkpoints (checkpoint, ``checkpoints/`` or run directories) or Hugging Face
 directories, mixed freely. The soup is itself a ``TensorSource``: each output tensor is accumulated in
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megolmo.checkpoint.hf import DTYPES, open_checkpoint, write_hf
+from megolmo.checkpoint.hf_tokenizer import add_tokenizer_arguments
 from megolmo.checkpoint.reader import TensorSource
 from megolmo.checkpoint.writer import write_megolmo
 from megolmo.errors import MegolmoConfigError
@@ -93,9 +95,13 @@ class Soup(TensorSource):
 
 
 def soup(inputs: list[Path], output: Path, weights: list[float] | None = None, fmt: str = "megolmo",
-         dtype: str = "fp32", max_shard_size: str = "5GB") -> Soup:
+         dtype: str = "fp32", max_shard_size: str = "5GB", tokenizer: Path | None = None,
+         chat_template: str | None = None) -> Soup:
     if fmt not in ("megolmo", "hf"):
         raise MegolmoConfigError(f"--format {fmt}: expected megolmo or hf")
+    if fmt != "hf" and (tokenizer is not None or chat_template is not None):
+        option = "--tokenizer" if tokenizer is not None else "--chat-template"
+        raise MegolmoConfigError(f"{option}: only for --format hf (a megolmo checkpoint holds no tokenizer)")
     if dtype not in DTYPES:
         raise MegolmoConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     normalised = normalise_weights(weights, len(inputs))
@@ -106,7 +112,7 @@ def soup(inputs: list[Path], output: Path, weights: list[float] | None = None, f
                                       for s, w in zip(sources, normalised)]}
         write_megolmo(mixed, Path(output), provenance)
     else:
-        write_hf(mixed, Path(output), DTYPES[dtype], max_shard_size)
+        write_hf(mixed, Path(output), DTYPES[dtype], max_shard_size, tokenizer, chat_template)
     return mixed
 
 
@@ -149,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "(megolmo or Hugging Face, mixed), streaming one tensor at a time.")
     parser.add_argument("inputs", nargs="+", type=Path, help="checkpoints to average (two or more)")
     parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--format", choices=("megolmo", "hf"), default="megolmo", help="output format")
+    parser.add_argument("--format", choices=("megolmo", "hf"), default="megolmo",
+                        help="output format (hf: with generation_config.json, and --tokenizer's files)")
     parser.add_argument("--weights", metavar="W", nargs="+", type=float, default=None,
                         help="one weight per input, normalised to sum to 1 (default: uniform)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="HF output dtype (default fp32)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest HF safetensors shard (default 5GB)")
+    add_tokenizer_arguments(parser)  # --format hf only
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        mixed = soup(args.inputs, args.output, weights, args.format, args.dtype, args.max_shard_size)
+        mixed = soup(args.inputs, args.output, weights, args.format, args.dtype, args.max_shard_size, args.tokenizer,
+                     args.chat_template)
     except MegolmoConfigError as error:
         print(f"megolmo: error: {error}", file=sys.stderr, flush=True)
         return 2

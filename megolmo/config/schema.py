@@ -67,6 +67,15 @@ class DataSection:
 
 
 @dataclass
+class SkipStepSection:
+    enabled: bool = setting(False, "OLMo 2 32B's guard: skip an optimizer step whose loss or grad norm exceeds the "
+                            "mean of the last `window` steps by more than `sigma` standard deviations")
+    sigma: float = setting(6.0, "standard deviations above the mean that skip a step")
+    window: int = setting(128, "steps of loss and grad-norm history")
+    min_history: int = setting(64, "no step is skipped before this many steps of history")
+
+
+@dataclass
 class OptimSection:
     lr: float = setting(4.0e-4, "peak learning rate")
     betas: list[float] = setting([0.9, 0.95], "AdamW's beta1, beta2")
@@ -81,6 +90,7 @@ class OptimSection:
         False, "stage 2: the peak is the LR load_path's schedule stood at at its step (optim.lr is not used)")
     clip_grad_norm: float = setting(1.0, "global gradient-norm clipping threshold; <= 0 disables clipping")
     z_loss: float = setting(1.0e-5, "weight of the z-loss, mean(logsumexp^2) over loss-bearing tokens")
+    skip_step: SkipStepSection = field(default_factory=SkipStepSection)
 
 
 @dataclass

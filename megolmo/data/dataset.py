@@ -62,7 +62,7 @@ class TokenDataset:
         return self.epoch_len
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        file, k = self._locate(index)
+        file, k = self.locate(index)
         tokens = file.tokens(k)
         kept = self.instance_filter is None or self.instance_filter.keeps(tokens)
         mask = file.label_mask(k)
@@ -73,7 +73,7 @@ class TokenDataset:
         return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "label_mask": label_mask,
                 "instance_mask": torch.tensor(kept)}
 
-    def _locate(self, index: int) -> tuple[TokenFile, int]:
+    def locate(self, index: int) -> tuple[TokenFile, int]:
         """Epoch ``e`` lays the sources out one after another (source i's ``counts[i]`` instances: whole
         repeats of its file, then a seeded subset), then shuffles that layout."""
         if index < 0:

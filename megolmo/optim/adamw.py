@@ -123,9 +123,10 @@ class DistributedAdamW:
         return total.sqrt()
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
-        """Clip, update this rank's shard, write parameters back (and all-gather them); returns the pre-clip norm."""
-        norm = self.grad_norm()
+    def step(self, lr: float, norm: torch.Tensor | None = None) -> float:
+        """Clip, update this rank's shard, write parameters back (and all-gather them); returns the pre-clip norm
+        (``norm``: already computed by the caller)."""
+        norm = self.grad_norm() if norm is None else norm
         scale = clip_factor(norm, self.settings.clip_grad_norm)
         self.step_count += 1
         beta1, beta2 = self.settings.betas

@@ -17,7 +17,8 @@ from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
 from megolmo.optim.buffers import FlatBuffers
 from megolmo.optim.grad_sync import GradientSynchronizer
-from megolmo.parallel.collectives import all_gather
+from megolmo.optim.skip_step import SkipStepGuard, SkipStepSettings
+from megolmo.parallel.collectives import all_gather, all_reduce_values, world_group
 from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.runner import PipelineRunner
@@ -38,6 +39,7 @@ class StepSettings:
     schedule: str = "1f1b"         # pipeline schedule (with parallel.pipeline > 1)
     virtual: int = 1               # chunks per pipeline rank
     fused_optimizer: str | None = None  # a KernelChoice.optimizer name
+    skip_step: SkipStepSettings | None = None  # OLMo 2 32B's guard against outlier steps
 
 
 @dataclass
@@ -45,6 +47,7 @@ class StepResult:
     ce_sum: float      # summed token cross-entropy over the global batch
     z_sum: float       # summed logsumexp^2 over the global batch
     grad_norm: float
+    skipped: bool = False  # the skip-step guard withheld this step's update
 
 
 class TrainStep:
@@ -62,6 +65,7 @@ class TrainStep:
         self.optimizer = DistributedAdamW(self.buffers, settings.adamw, ps.dp_group, settings.distributed_optimizer,
                                           ps.tp_rank, [g for g in (ps.tp_group, ps.pp_group) if g is not None],
                                           UPDATES.get(settings.fused_optimizer))
+        self.skip_guard = SkipStepGuard(settings.skip_step) if settings.skip_step is not None else None
         self.pipeline: PipelineRunner | None = None
         if ps.pp > 1:
             sp = chunks[0].tp.sequence_parallel
@@ -87,8 +91,16 @@ class TrainStep:
         for grad in self.sequence_parallel_grads:  # weights that saw only a sequence shard: sum over TP
             all_reduce_sum(grad, self.ps.tp_group)
         sums = all_reduce_sum(all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group), self.ps.pp_group)
-        grad_norm = self.optimizer.step(lr)
+        norm = self.optimizer.grad_norm()
+        if self.skip_guard is not None and not self.applies(float(sums[0]) / max(loss_tokens, 1), float(norm)):
+            return StepResult(float(sums[0]), float(sums[1]), float(norm), skipped=True)
+        grad_norm = self.optimizer.step(lr, norm)
         return StepResult(float(sums[0]), float(sums[1]), grad_norm)
+
+    def applies(self, loss: float, grad_norm: float) -> bool:
+        """The skip-step guard's decision, agreed by every rank (a skip anywhere is a skip everywhere)."""
+        skip = float(not self.skip_guard.allows(loss, grad_norm))
+        return all_reduce_values([skip], "max", world_group())[0] == 0.0
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Forward only over this rank's micro-batches of a batch shaped like a training step's: each row's
