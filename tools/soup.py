@@ -1,6 +1,7 @@
 """Average checkpoints (megolmo or Hugging Face, mixed) into a model soup, streaming one tensor at a time:
 
     python tools/soup.py --output OUT [--format megolmo|hf] [--weights W1 W2 ...] IN1 IN2 ...
+        [--tokenizer FILE|DIR] [--chat-template olmo2]     # these two with --format hf
 """
 
 import os
