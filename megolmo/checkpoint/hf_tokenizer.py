@@ -13,10 +13,14 @@ Released values (allenai/OLMo-2-1124-7B on the Hugging Face Hub):
   "<|pad|>", "unk_token": "<|endoftext|>"} (confirmed from the file).
 - generation_config.json: {"_from_model_config": true, "eos_token_id": 100257, "pad_token_id": 100277,
   "transformers_version": ...} (confirmed; it has no bos_token_id, which is null, as here).
-- tokenizer_config.json: the same four tokens; ``tokenizer_class`` "GPT2Tokenizer" and ``model_max_length``
-  4096 could not be confirmed from the file itself. "GPT2Tokenizer" is not used: in transformers 5 it
-  rebuilds GPT-2's pre-tokenizer instead of dolma2's (cl100k-style, digits in groups of three), so ids
-  differ; "PreTrainedTokenizerFast" loads tokenizer.json as it is, in transformers 4 and 5 alike.
+- tokenizer_config.json: the same four tokens (confirmed only through special_tokens_map.json);
+  ``tokenizer_class`` "GPT2Tokenizer" and ``model_max_length`` 4096 could not be confirmed from the file
+  itself. ``model_max_length`` here is the model's max_position_embeddings (4096 for OLMo 2). The class is
+  "PreTrainedTokenizerFast", not "GPT2Tokenizer": transformers 5 loads tokenizer.json as it is for the
+  former, but a GPT2Tokenizer loaded from the tokenizer files alone (without an olmo2 config.json beside
+  them, which makes it use its own class) rebuilds GPT-2's pre-tokenizer instead of dolma2's (cl100k-style,
+  digits in groups of three), and its ids differ. transformers 4 (not tested here) reads tokenizer.json
+  into PreTrainedTokenizerFast as well.
 - The Instruct chat template is ``OLMO2_CHAT_TEMPLATE`` (megolmo/data/sft.py, held equal to
   ``apply_chat_template`` by its tests); that it is the Instruct release's string, byte for byte, could not
   be confirmed here.
