@@ -11,7 +11,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_RANKS ?= 8
 DEMO_PORT  ?= 29517
 
-.PHONY: venv demo test bench gpu-wheels slurm-packages clean
+.PHONY: venv demo recipe-demo test bench gpu-wheels slurm-packages clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(DEMO_RANKS) --master-port $(DEMO_PORT) \
 		-m megolmo.train data=demo optim=demo trainer=demo parallel=demo3d trainer.run_dir=$(DEMO_RUN)
 	@echo "demo run directory: $(abspath $(DEMO_RUN))"
+
+# OLMo 2's recipe in miniature on the tiny model, every job TP2 x PP2 x DP2: stage 1, three stage-2 ingredients,
+# their soup (evaluated beside them), SFT on data/demo_chat.jsonl, export to Hugging Face, a chat reply.
+recipe-demo: venv
+	OMP_NUM_THREADS=1 $(PY) tools/recipe_demo.py --output runs/recipe-demo
 
 test: venv slurm-packages
 	$(PY) -m megolmo.evaluation.assets >/dev/null  # the dolma2 tokenizer, fetched once into ~/.cache/megolmo
