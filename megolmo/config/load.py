@@ -34,6 +34,7 @@ def load_config(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> DictConf
     overrides = list(overrides)
     cfg = compose_config(overrides, conf_dir)
     check_known_keys(cfg, MegolmoConfig)
+    check_given(cfg, overrides)
     check_choices(cfg, MegolmoConfig)
     take_model_from_checkpoint(cfg, overrides)
     return cfg
@@ -161,6 +162,15 @@ def unknown_key_message(full_key: str) -> str:
     known = schema_fields(schema) if schema is not None else {}
     where = f"in {path}" if path else "at the top level"
     return f"{full_key}: unknown key {where}{suggestion(name, known, f'{path}.' if path else '')}"
+
+
+def check_given(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """The keys a recipe lists as ``required`` (e.g. ``data.root``) must be given on the command line."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    missing = [key for key in cfg.get("required", []) if key not in given]
+    if missing:
+        raise MegolmoConfigError(f"{', '.join(missing)}: the recipe leaves {'them' if len(missing) > 1 else 'it'} "
+                                 f"to you; give {' '.join(key + '=...' for key in missing)}")
 
 
 def check_known_keys(node: DictConfig, schema: type, path: str = "") -> None:

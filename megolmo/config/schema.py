@@ -188,6 +188,8 @@ class MegolmoConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     load_path: str | None = setting(None, "start from this megolmo checkpoint (its architecture comes with it)")
+    required: list[str] = setting([], "keys a recipe leaves to you: the job starts only once each is given as an "
+                                  "override")
     reset_trainer_state: bool = setting(
         False, "with load_path: step, data position and schedule start afresh (AdamW moments kept where it has them)")
     reset_optimizer_state: bool = setting(False, "with load_path: fresh AdamW moments (separate from "
