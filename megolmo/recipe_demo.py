@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT_SET = ROOT / "data" / "demo_chat.jsonl"
 MODEL = ["model=tiny", "model.vocab_size=100352", "model.eos_token_id=100257", "model.pad_token_id=100277"]
 SHAPE = ["data.seq_len=64", "trainer.global_batch_size=16", "trainer.micro_batch_size=2"]
+DOCUMENTS = {"stage1": 3000, "stage2": 1500, "held-out": 300}
 LAYOUTS = {1: [], 8: ["parallel=demo3d"]}
 QUESTION = "What is the capital of France?"
 
@@ -58,8 +59,8 @@ def corpus(out: Path, name: str, documents: int, seed: int, tokenizer: Path) -> 
     return directory / "tokens.npy"
 
 
-def chat(hf_dir: Path) -> str:
-    """The model card's snippet: the chat template, then ``generate``."""
+def chat(hf_dir: Path) -> tuple[str, int]:
+    """The model card's snippet: the chat template, then ``generate``; the reply and its new tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -67,7 +68,8 @@ def chat(hf_dir: Path) -> str:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=16, do_sample=False)
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = output[0, prompt["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,16 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "recipe-demo")
     parser.add_argument("--ranks", type=int, choices=sorted(LAYOUTS), default=8)
     parser.add_argument("--steps", type=int, nargs=3, default=[150, 30, 40], metavar=("STAGE1", "STAGE2", "SFT"))
+    parser.add_argument("--documents", type=float, default=1.0, help="scale the toy corpora (tests: 0.1)")
     args = parser.parse_args(argv)
     started, out = time.perf_counter(), args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = dolma2_tokenizer()
-    stage1_data, stage2_data = corpus(out, "stage1", 3000, 0, tokenizer), corpus(out, "stage2", 1500, 1, tokenizer)
-    held = corpus(out, "held-out", 300, 2, tokenizer)
+    stage1_data, stage2_data, held = (corpus(out, name, int(count * args.documents), seed, tokenizer)
+                                      for seed, (name, count) in enumerate(DOCUMENTS.items()))
     stage1, (s1, s2, s3) = out / "stage1", args.steps
     evaluation = [f"eval.lm.sets={{held: [{held}]}}"]
     train(args.ranks, [f"data.paths=[{stage1_data}]", f"trainer.max_steps={s1}", "optim.lr=3e-3",
-                       "optim.warmup_steps=10", f"trainer.run_dir={stage1}", *evaluation], out / "stage1.log")
+                       f"optim.warmup_steps={min(10, s1 // 4)}", f"trainer.run_dir={stage1}", *evaluation], out / "stage1.log")
     ingredients = []
     for k in (1, 2, 3):
         ingredients.append(out / f"stage2-ingredient{k}")
@@ -100,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
          "--seq-len", "64", str(CHAT_SET)], out / "prepare-sft.log")
     train(args.ranks, [f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
                        f"data.paths=[{sft_data / 'input_ids.npy'}]", f"data.label_mask_paths=[{sft_data / 'label_mask.npy'}]",
-                       "optim.lr=1e-3", "optim.schedule=linear", "optim.warmup_steps=4", f"trainer.max_steps={s3}",
+                       "optim.lr=1e-3", "optim.schedule=linear", f"optim.warmup_steps={min(4, s3 // 4)}", f"trainer.max_steps={s3}",
                        f"trainer.run_dir={out / 'sft'}"], out / "sft.log")
     hf_dir = out / "sft-hf"
     run([sys.executable, "tools/convert_checkpoint.py", "megolmo-to-hf", str(out / "sft" / "checkpoints" / "latest"),
          str(hf_dir), "--tokenizer", str(tokenizer), "--chat-template", "olmo2"], out / "export.log")
-    reply = chat(hf_dir)
+    reply, new_tokens = chat(hf_dir)
     print(table(json.loads((out / "soup" / "evaluation.json").read_text())))
-    print(f"user: {QUESTION}\nassistant ({hf_dir}): {reply}")
+    print(f"user: {QUESTION}\nassistant ({hf_dir}, {new_tokens} new tokens): {reply}")
     print(f"recipe demo: {time.perf_counter() - started:.0f} s, {args.ranks} rank(s) per job; outputs in {out}")
     return 0

@@ -7,7 +7,7 @@ import torch
 from megolmo.kernels.select import Fp8Settings, KernelChoice
 from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.parallel.cross_entropy import single_rank_loss_sums
-from megolmo.parallel.mappings import Group
+from megolmo.parallel.mappings import Group, prepare_for_compile
 
 
 def apply_kernels(model: Olmo2ForCausalLM, choice: KernelChoice, fp8: Fp8Settings, amax_group: Group = None
@@ -41,6 +41,7 @@ def prepare_model(model: Olmo2ForCausalLM, dtype: torch.dtype, choice: KernelCho
         param.data = param.data.to(dtype)
     apply_kernels(model, choice, fp8, amax_group)
     if compile_blocks:
+        prepare_for_compile()
         for block in model.model.layers.values():
             block.compile()
         if model.has_head and model.tp.size == 1:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.distributed as dist
 
-from megolmo.parallel.mappings import Group, group_size
+from megolmo.parallel.mappings import Group, group_size, outside_compiled_graphs
 
 Op = Literal["sum", "max"]
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -63,7 +63,7 @@ def all_reduce_values(values: Sequence[float], op: Op, group: Group) -> list[flo
 
 
 # Tensor-level collectives are kept out of torch.compile's graphs, as in ``mappings``.
-@torch.compiler.disable
+@outside_compiled_graphs
 def all_reduce(tensor: torch.Tensor, group: Group, op: Op = "sum", async_op: bool = False) -> dist.Work | None:
     """In-place reduction of ``tensor``; with ``async_op`` the pending work (None for a single rank)."""
     if group_size(group) == 1:
@@ -72,7 +72,7 @@ def all_reduce(tensor: torch.Tensor, group: Group, op: Op = "sum", async_op: boo
     return dist.all_reduce(tensor, op=_OPS[op], group=group, async_op=async_op)
 
 
-@torch.compiler.disable
+@outside_compiled_graphs
 def reduce_scatter(out: torch.Tensor, pieces: Sequence[torch.Tensor], group: Group, op: Op = "sum",
                    async_op: bool = False) -> dist.Work | None:
     """``out`` = this rank's piece reduced over the group (one piece per rank, in rank order)."""
@@ -85,7 +85,7 @@ def reduce_scatter(out: torch.Tensor, pieces: Sequence[torch.Tensor], group: Gro
     return dist.reduce_scatter(out, list(pieces), op=_OPS[op], group=group, async_op=async_op)
 
 
-@torch.compiler.disable
+@outside_compiled_graphs
 def all_gather(pieces: Sequence[torch.Tensor], tensor: torch.Tensor, group: Group) -> None:
     """Fill ``pieces[r]`` with rank r's ``tensor``."""
     if group_size(group) == 1:

@@ -6,10 +6,34 @@ sequence-parallel shards split dim 1.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
+_BOUNDARIES: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []
+
+
+def outside_compiled_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)`` once ``prepare_for_compile`` has run: the decorator itself imports
+    ``torch._dynamo`` (about 2 s per process), which a job that never compiles should not pay at start-up."""
+    target = [fn]
+    _BOUNDARIES.append((fn, target))
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target[0](*args, **kwargs)
+    return call
+
+
+def prepare_for_compile() -> None:
+    """Before the first ``torch.compile``: every collective becomes a clean graph break."""
+    for fn, target in _BOUNDARIES:
+        if target[0] is fn:
+            target[0] = torch.compiler.disable(fn)
 
 
 def group_size(group: Group) -> int:
@@ -30,12 +54,12 @@ def all_reduce_sum(tensor: torch.Tensor, group: Group) -> torch.Tensor:
 # The collectives themselves are kept out of torch.compile's graphs (``trainer.compile``): a compiled
 # block breaks its graph cleanly at each TP collective, and single-rank blocks, which never reach
 # them, compile whole.
-@torch.compiler.disable
+@outside_compiled_graphs
 def _all_reduce_in_place(tensor: torch.Tensor, group: Group) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-@torch.compiler.disable
+@outside_compiled_graphs
 def _all_gather_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
@@ -46,7 +70,7 @@ def _all_gather_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tenso
     return torch.cat(parts, dim=dim)
 
 
-@torch.compiler.disable
+@outside_compiled_graphs
 def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:

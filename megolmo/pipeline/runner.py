@@ -15,7 +15,7 @@ from torch import nn
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
 from megolmo.parallel.state import ParallelState
 from megolmo.pipeline.clock import SpanClock
-from megolmo.pipeline.schedules import SCHEDULES, SINGLE_CHUNK, stage_indexes
+from megolmo.pipeline.schedules import SINGLE_CHUNK, schedule_class, stage_indexes
 from megolmo.pipeline.stage import ObservedStage, RankActivity, ScheduleRecord
 
 
@@ -48,7 +48,7 @@ class PipelineRunner:
                                              ps.pp_group, self.activity, local, count_gradient, gradient_count))
         self.head = chunks[indexes.index(num_stages - 1)] if self.holds_last else None
         stages = self.stages[0] if schedule in SINGLE_CHUNK else self.stages
-        self.schedule = SCHEDULES[schedule](stages, num_micro_batches, loss_fn=self._loss, scale_grads=False)
+        self.schedule = schedule_class(schedule)(stages, num_micro_batches, loss_fn=self._loss, scale_grads=False)
         self._loss_tokens = 1
         self._z_loss = 0.0
         self._sums: list[torch.Tensor] = []

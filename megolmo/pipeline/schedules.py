@@ -16,19 +16,27 @@ recorded traffic under those rules.
 """
 from __future__ import annotations
 
-from torch.distributed import pipelining
+from typing import Any
 
 from megolmo.errors import MegolmoConfigError
 
-SCHEDULES = {
-    "1f1b": pipelining.Schedule1F1B,
-    "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B,
-    "interleaved_zero_bubble": pipelining.ScheduleInterleavedZeroBubble,
-    "zbv": pipelining.ScheduleZBVZeroBubble,
-    "gpipe": pipelining.ScheduleGPipe,
+SCHEDULES = {  # name -> class of torch.distributed.pipelining, imported only by a pipelined job (schedule_class)
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "interleaved_zero_bubble": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "gpipe": "ScheduleGPipe",
 }
 SINGLE_CHUNK = {"gpipe", "1f1b"}
 SPLIT_BACKWARD = {"interleaved_zero_bubble", "zbv"}  # separate input (I) and weight (W) backward passes
+
+
+def schedule_class(name: str) -> Any:
+    """The library's class: importing ``torch.distributed.pipelining`` pulls in ``torch._dynamo`` (about 2 s
+    per process), which a job without a pipeline need not pay."""
+    from torch.distributed import pipelining
+
+    return getattr(pipelining, SCHEDULES[name])
 
 
 def schedule_name(requested: str | None, virtual: int) -> str:

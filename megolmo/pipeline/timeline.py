@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megolmo.pipeline.stage import ScheduleRecord
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the stage module imports torch.distributed.pipelining (and with it torch._dynamo)
+    from megolmo.pipeline.stage import ScheduleRecord
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#C44E52", "W": "#55A868"}
 LEGEND = "F forward, B backward, I input-gradient backward, W weight-gradient backward"

@@ -8,6 +8,7 @@ measured and tested is what trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ from megolmo.optim.skip_step import SkipStepGuard, SkipStepSettings
 from megolmo.parallel.collectives import all_gather, all_reduce_values, world_group
 from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.state import ParallelState
-from megolmo.pipeline.runner import PipelineRunner
 from megolmo.step.chunks import ChunkSettings, build_chunks
 from megolmo.step.loss import forward_backward, forward_only
+
+if TYPE_CHECKING:
+    from megolmo.pipeline.runner import PipelineRunner
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class TrainStep:
         self.skip_guard = SkipStepGuard(settings.skip_step) if settings.skip_step is not None else None
         self.pipeline: PipelineRunner | None = None
         if ps.pp > 1:
+            from megolmo.pipeline.runner import PipelineRunner  # torch.distributed.pipelining: pipelined jobs only
+
             sp = chunks[0].tp.sequence_parallel
             shape = (settings.micro_batch_size, settings.seq_len // (ps.tp if sp else 1), chunks[0].cfg.hidden_size)
             dtype = next(chunks[0].parameters()).dtype
