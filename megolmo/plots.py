@@ -23,6 +23,8 @@ from matplotlib.ticker import FuncFormatter
 from megolmo.errors import MegolmoConfigError
 
 EVAL_PREFIX = "eval/"
+DOWNSTREAM_PREFIX = "eval/downstream/"
+HEADLINE_METRICS = ("/acc_v1", "/len_norm_v1", "/f1_v1", "/bpb_v1")
 
 
 @dataclass
@@ -101,8 +103,16 @@ def eval_figure(runs: list[Run], key: str) -> Figure:
     return fig
 
 
+def plotted(key: str) -> bool:
+    """Held-out CE and PPL, and of each downstream task its headline metrics (the library's ``_v1`` accuracy,
+    length-normalized accuracy, F1 and bits per byte): a full task list would otherwise draw ~10 figures a task."""
+    if not key.startswith(EVAL_PREFIX) or key == "eval/seconds":
+        return False
+    return not key.startswith(DOWNSTREAM_PREFIX) or key.endswith(HEADLINE_METRICS)
+
+
 def eval_keys(runs: list[Run]) -> list[str]:
-    return sorted({key for run in runs for row in run.rows for key in row if key.startswith(EVAL_PREFIX)})
+    return sorted({key for run in runs for row in run.rows for key in row if plotted(key)})
 
 
 def eval_filename(key: str) -> str:

@@ -16,7 +16,7 @@ from megolmo.plots import eval_figure, format_tokens, loss_figure, main, plot_ru
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EVAL_KEYS = ["eval/c4_en/CE", "eval/c4_en/PPL", "eval/downstream/hellaswag/acc"]
+EVAL_KEYS = ["eval/c4_en/CE", "eval/c4_en/PPL", "eval/downstream/hellaswag/len_norm_v1"]
 
 
 def row(step: int, loss: float, **extra) -> dict:
@@ -35,7 +35,8 @@ def runs(tmp_path) -> tuple[Path, Path]:
     evaluated = [row(s, 10.0 - s) for s in range(1, 7)]
     for r in (evaluated[2], evaluated[5]):  # evaluation ran at steps 3 and 6
         r.update({"eval/c4_en/CE": r["loss"] + 0.5, "eval/c4_en/PPL": 100.0 / r["step"],
-                  "eval/downstream/hellaswag/acc": 0.1 * r["step"]})
+                  "eval/downstream/hellaswag/len_norm_v1": 0.1 * r["step"],
+                  "eval/downstream/hellaswag/soft_v2": 0.2, "eval/seconds": 1.5})  # not drawn
     # resumed after step 3 from the checkpoint of step 2: step 3 was recomputed and re-appended
     resumed = [row(1, 9.0), row(2, 8.0), row(3, 7.5), row(3, 7.0), row(4, 6.0)]
     return write_metrics(tmp_path / "run-a", evaluated), write_metrics(tmp_path / "run-b", resumed)
@@ -66,7 +67,7 @@ def test_eval_figure_plots_only_the_evaluated_rows_with_markers(runs):
 
 def test_plot_runs_writes_loss_and_one_png_per_eval_key(runs, tmp_path):
     written = plot_runs(list(runs), tmp_path / "out")
-    names = ["loss.png", "eval_c4_en_CE.png", "eval_c4_en_PPL.png", "eval_downstream_hellaswag_acc.png"]
+    names = ["loss.png", "eval_c4_en_CE.png", "eval_c4_en_PPL.png", "eval_downstream_hellaswag_len_norm_v1.png"]
     assert sorted(written) == sorted(tmp_path / "out" / name for name in names)
     for path in written:
         assert_png(path)
