@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from megolmo.config import CONF_DIR, MegolmoConfig, load_config
+from megolmo.config.load import compose_config
 from megolmo.config.markdown import generate_markdown, group_options
 from megolmo.errors import MegolmoConfigError
 from tests.conftest import write_tokens
@@ -67,15 +68,30 @@ def schema_keys(schema: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def dotted_keys(tree: dict, known: set[str], prefix: str = ""):
+    """A nested config's keys as dotted paths, down to the schema's own keys (dict-typed values stay whole)."""
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, dict) and path not in known:
+            yield from dotted_keys(value, known, path + ".")
+        else:
+            yield path
+
+
 def test_every_key_in_conf_is_in_the_schema_and_every_option_composes():
     known = set(schema_keys(MegolmoConfig))
     files = sorted(p for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "mixes")  # mixes: data (data.mix)
     assert len(files) >= 9
     for path in files:
         group = path.parent.name
-        for key in yaml.safe_load(path.read_text()) or {}:
-            if key != "defaults":
-                assert f"{group}.{key}" in known, f"{path}: {key}"
+        content = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"}
+        if group == "recipe":  # global package: keys from the root; they compose, their required keys given later
+            for key in dotted_keys(content, known):
+                assert key in known, f"{path}: {key}"
+            assert compose_config([f"+recipe={path.stem}"], CONF_DIR) is not None
+            continue
+        for key in content:
+            assert f"{group}.{key}" in known, f"{path}: {key}"
         assert load_config([f"{group}={path.stem}"])[group] is not None
     for group in ("data", "optim", "parallel", "trainer"):  # the schema's own options
         assert group_options(group)
