@@ -78,7 +78,8 @@ def test_a_weights_only_start_draws_nothing_and_takes_master_weights_from_the_ch
     saved_masters = [master.clone() for master in source.optimizer.master]
     draws[0] = 0
     started = Trainer(load_config(overrides(tmp_path / "run", tokens, f"load_path={tmp_path / 'source'}",
-                                            "reset_trainer_state=true", f"precision={precision}")))
+                                            "reset_trainer_state=true", "reset_optimizer_state=true",
+                                            f"precision={precision}")))
     assert draws[0] == 0 and started.start_step == 0 and started.optimizer.step_count == 0
     assert all(torch.equal(a, b) for a, b in zip(started.optimizer.master, saved_masters))
     assert all(torch.equal(a, b) for a, b in zip(weights(started).values(), weights(source).values()))
