@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "recipe-demo")
     parser.add_argument("--ranks", type=int, choices=sorted(LAYOUTS), default=8)
-    parser.add_argument("--steps", type=int, nargs=3, default=[150, 30, 40], metavar=("STAGE1", "STAGE2", "SFT"))
+    parser.add_argument("--steps", type=int, nargs=3, default=[75, 15, 25], metavar=("STAGE1", "STAGE2", "SFT"))
     parser.add_argument("--documents", type=float, default=1.0, help="scale the toy corpora (tests: 0.1)")
     args = parser.parse_args(argv)
     started, out = time.perf_counter(), args.output.resolve()
