@@ -6,7 +6,6 @@ seconds, not a queue wait plus a model build. Everything that observes or interr
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog
 from megolmo.callbacks.evaluation import Evaluation
 from megolmo.callbacks.plots import LossPlots
 from megolmo.callbacks.stop_requests import parse_duration, process_started
-from megolmo.checkpoint.manager import TRAINER_STATE, CheckpointManager, checkpoint_name, resolve_checkpoint
+from megolmo.checkpoint.manager import CheckpointManager, LoadedState, checkpoint_name, resolve_checkpoint
 from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
 from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
 from megolmo.data.prefetch import Prefetcher
@@ -191,21 +190,21 @@ class Trainer:
         if latest is not None:
             loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False, chunks=self.chunks)
             self.run_dir.truncate_metrics(loaded.step)  # a resumed run recomputes the later steps
-            self.resume_loop(latest, loaded.step)
+            self.resume_loop(loaded)
             return loaded.step, latest
         if self.load_path is not None:
             loaded = CheckpointManager.load(self.load_path, self.optimizer,
                                             weights_only=bool(self.cfg.reset_optimizer_state), chunks=self.chunks)
             if self.cfg.reset_trainer_state:
                 return 0, self.load_path
-            self.resume_loop(self.load_path, loaded.step)
+            self.resume_loop(loaded)
             return loaded.step, self.load_path
         return 0, None
 
-    def resume_loop(self, checkpoint: Path, step: int) -> None:
+    def resume_loop(self, loaded: LoadedState) -> None:
         """The schedule's position (steps the guard skipped do not advance it) and the guard's history."""
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        self.schedule_step = state.get("schedule_step", step)
+        state = loaded.trainer_state
+        self.schedule_step = state.get("schedule_step", loaded.step)
         if self.step_fn.skip_guard is not None and "skip_step" in state:
             self.step_fn.skip_guard.load_state_dict(state["skip_step"])
 

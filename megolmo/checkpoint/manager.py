@@ -109,7 +109,8 @@ def check_architecture(directory: Path, expected: dict[str, tuple[int, ...]]) ->
 class LoadedState:
     step: int
     tokens: int
-    weights_only: bool
+    weights_only: bool  # the moments were not loaded (asked for, or the checkpoint has none)
+    trainer_state: dict[str, Any]  # the checkpoint's trainer_state.json
 
 
 class CheckpointManager:
@@ -177,7 +178,8 @@ class CheckpointManager:
     def load(directory: Path, optimizer: DistributedAdamW, weights_only: bool, chunks: Sequence[nn.Module] = ()
              ) -> LoadedState:
         """Load into the current layout; ``weights_only`` (or a checkpoint without optimizer state) starts
-        the optimizer afresh at step 0. The module states of ``chunks`` are loaded either way: like the
+        the moments afresh. The trainer state comes back either way: whether the step continues is the
+        trainer's choice (``reset_trainer_state``). The module states of ``chunks`` are loaded either way: like the
         weights, they describe the model (FP8 scales fitted to its activations and gradients)."""
         state = verify_checkpoint(directory)
         saved = check_architecture(directory, expected_shapes(optimizer))
@@ -190,9 +192,9 @@ class CheckpointManager:
         load_module_states(directory, chunks)
         if weights_only:
             reset_moments(optimizer)
-            return LoadedState(0, 0, True)
-        optimizer.step_count = state["optimizer_steps"]
-        rng = directory / "rng" / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
-        if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
-        return LoadedState(state["step"], state["tokens"], False)
+        else:
+            optimizer.step_count = state["optimizer_steps"]
+            rng = directory / "rng" / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
+            if rng.exists():
+                torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+        return LoadedState(state.get("step", 0), state.get("tokens", 0), weights_only, state)
