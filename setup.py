@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "xxhash>=3",  # checkpoint checksums
         "matplotlib",
     ],
     extras_require={

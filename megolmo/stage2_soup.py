@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from megolmo.checkpoint.manager import TRAINER_STATE, resolve_checkpoint, verify_checkpoint
+from megolmo.checkpoint.manager import resolve_checkpoint
+from megolmo.checkpoint.manifest import TRAINER_STATE, verify_checkpoint
 from megolmo.checkpoint.soup import soup
 from megolmo.errors import MegolmoConfigError
 from megolmo.evaluation.offline import evaluate, parse_sets

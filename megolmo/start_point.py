@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megolmo.checkpoint.manager import TRAINER_STATE, CheckpointManager, verify_checkpoint
+from megolmo.checkpoint.manager import CheckpointManager
+from megolmo.checkpoint.manifest import TRAINER_STATE, verify_checkpoint
 from megolmo.errors import MegolmoConfigError
 
 

@@ -19,7 +19,7 @@ from megolmo.callbacks import (Callback, CallbackList, Checkpointing, ConsoleLog
 from megolmo.callbacks.evaluation import Evaluation
 from megolmo.callbacks.plots import LossPlots
 from megolmo.callbacks.stop_requests import parse_duration, process_started
-from megolmo.checkpoint.manager import CheckpointManager, LoadedState, checkpoint_name, resolve_checkpoint
+from megolmo.checkpoint.manager import CheckpointManager, LoadedState, SaveReport, checkpoint_name, resolve_checkpoint
 from megolmo.data.fingerprint import FINGERPRINT_KEY, check_same_data, data_fingerprint
 from megolmo.data.loader import GlobalBatchLoader, StepBatch, build_loader
 from megolmo.data.prefetch import Prefetcher
@@ -43,6 +43,7 @@ from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from megolmo.run_dir import RunDirectory, choose_run_dir
 from megolmo.start_point import check_start_point, stage_start_lr
 from megolmo.step import ChunkSettings, StepSettings, build_train_step
+from megolmo.watchdog import HangWatchdog
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: GEMM inputs only
 
@@ -80,7 +81,7 @@ def default_callbacks(cfg: DictConfig, pipelined: bool, evaluations: Evaluations
     if loggers is not None and loggers.tensorboard:
         callbacks.append(TensorBoardLog())
     callbacks += [ConsoleLog(t.log_interval), StopRequests(time_limit, process_started()),
-                  Checkpointing(t.save_interval)]
+                  Checkpointing(t.save_interval, bool(t.async_save))]
     return callbacks + [LossPlots()] if t.plots else callbacks
 
 
@@ -107,6 +108,8 @@ class Trainer:
                                          t.stop_at)
         if t.time_limit is not None:
             parse_duration(t.time_limit)  # a malformed limit fails now, not after the model is built
+        if t.step_timeout_s is not None and not t.step_timeout_s > 0:
+            raise MegolmoConfigError(f"trainer.step_timeout_s={t.step_timeout_s}: must be positive (or null: off)")
         check_model_layout(self.model_cfg, p.tensor, cfg.data.seq_len, p.sequence_parallel)
         self.fp8 = Fp8Settings.from_mapping(cfg.get("fp8"))
         self.ps = initialize(p.tensor, p.pipeline, p.timeout_s)
@@ -134,7 +137,9 @@ class Trainer:
             error = raised
         agree_on_errors(error)
         self.run_dir = RunDirectory(choose_run_dir(t.run_dir, self.model_cfg.name), self.ps.is_main)
-        self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps))
+        self.checkpoints = CheckpointManager(self.run_dir.path, t.keep_last, list(t.keep_steps), self.published)
+        self.last_save: SaveReport | None = None
+        self.save_blocked_s: float | None = None  # the last save's, reported with the next step
         self.step_fn = build_train_step(self.ps, self.step_settings(), self.chunk_settings())
         self.schedule_step = 0  # optimizer steps applied in this stage: the LR schedule's position
         self.start_step, self.resumed_from = self.restore()
@@ -148,6 +153,7 @@ class Trainer:
         self.records: list[StepRecord] = []
         self.stop_request: StopRequest | None = None  # set by a callback: save this step and leave the loop
         self.batches = Prefetcher(self.loader.read_step, (), 0, False)  # steps run outside fit read in place
+        self.watchdog = HangWatchdog(t.step_timeout_s, self.run_dir.path, self.ps.rank)
         self.callbacks = CallbackList(default_callbacks(cfg, self.ps.pp > 1, self.evaluations) if callbacks is None
                                       else callbacks)
 
@@ -208,7 +214,8 @@ class Trainer:
         if self.step_fn.skip_guard is not None and "skip_step" in state:
             self.step_fn.skip_guard.load_state_dict(state["skip_step"])
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, asynchronous: bool = False) -> None:
+        """``asynchronous``: return once the state is staged (``CheckpointManager``)."""
         self.callbacks.call("before_save", self, step)
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
@@ -220,10 +227,18 @@ class Trainer:
                  "layout": {"tensor": self.ps.tp, "pipeline": self.ps.pp, "data": self.ps.dp}}
         if self.step_fn.skip_guard is not None:
             state["skip_step"] = self.step_fn.skip_guard.state_dict()
-        path = self.checkpoints.save(self.optimizer, checkpoint_name(step, tokens, t.stage, t.ingredient), state,
-                                     self.model_cfg.to_dict(), self.chunks,
-                                     writes_module_state=self.ps.tp_rank == 0 and self.ps.dp_rank == 0)
-        self.callbacks.call("after_save", self, step, path)
+        with self.watchdog.watching(f"the checkpoint save after step {step}"):
+            self.last_save = self.checkpoints.save(
+                self.optimizer, checkpoint_name(step, tokens, t.stage, t.ingredient), state, self.model_cfg.to_dict(),
+                self.chunks, writes_module_state=self.ps.tp_rank == 0 and self.ps.dp_rank == 0,
+                asynchronous=asynchronous)
+        self.save_blocked_s = self.last_save.blocked_s
+        self.callbacks.call("after_save", self, step, self.last_save.path)
+
+    def published(self, path: Path, seconds: float) -> None:
+        """A checkpoint is complete (global rank 0; for an asynchronous save, on its publishing thread)."""
+        if self.last_save is not None and self.last_save.asynchronous and self.last_save.path == path:
+            self.log(f"checkpoint {path} complete, {seconds:.1f} s after its save began")
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> list[StepRecord]:
@@ -233,19 +248,23 @@ class Trainer:
         try:
             self.callbacks.call("on_start", self)
             for step in steps:
-                self.records.append(self.train_step(step))
+                with self.watchdog.watching(f"step {step + 1}"):
+                    self.records.append(self.train_step(step))
                 self.callbacks.call("on_step_end", self, self.records[-1])
                 if self.stop_request is not None:
                     self.log(f"stopping after step {self.stop_request.step}: {self.stop_request.reason} "
                              "(checkpoint saved)")
                     break
-            self.callbacks.call("on_end", self)
-            barrier(world_group())  # no rank exits (and makes its launcher stop the others) while one still writes
+            with self.watchdog.watching("the end of the job"):
+                self.checkpoints.wait()
+                self.callbacks.call("on_end", self)
+                barrier(world_group())  # no rank exits (making its launcher stop the others) while one still writes
         except BaseException as error:
             self.callbacks.call("on_failure", self, error)
             raise
         finally:
             self.batches.close()
+            self.watchdog.close()
         return self.records
 
     def train_step(self, step: int) -> StepRecord:
@@ -258,6 +277,8 @@ class Trainer:
         tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         extra = {"skipped_step": int(result.skipped)} if self.step_fn.skip_guard is not None else {}
+        if self.save_blocked_s is not None:  # the save after the previous step held training this long
+            extra["checkpoint_blocked_s"], self.save_blocked_s = self.save_blocked_s, None
         return StepRecord(step + 1, result.ce_sum / loss_tokens, self.cfg.optim.z_loss * result.z_sum / loss_tokens,
                           result.grad_norm, lr, (step + 1) * self.tokens_per_step, tokens_per_sec, mfu, waited,
                           masked, step_time, *self.peak_memory_gb(), extra=extra)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megolmo.checkpoint.manager import MANIFEST, checkpoint_name
+from megolmo.checkpoint.manager import checkpoint_name
+from megolmo.checkpoint.manifest import MANIFEST
 from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
 from megolmo.optim.schedule import learning_rate

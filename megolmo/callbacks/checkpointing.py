@@ -1,15 +1,18 @@
 """Checkpoints every ``trainer.save_interval`` steps, at the end of the job (``stop_at`` or ``max_steps``)
 and when the job stops early (``trainer.stop_request``), through the trainer's ``save`` (which calls the
-save hooks)."""
+save hooks). With ``trainer.async_save`` the interval's saves are asynchronous; the job's last save and a
+save before stopping are synchronous, since the process leaves right after them."""
 from __future__ import annotations
 
 from megolmo.callbacks.base import Callback, StepRecord
 
 
 class Checkpointing(Callback):
-    def __init__(self, save_interval: int):
+    def __init__(self, save_interval: int, asynchronous: bool = False):
         self.save_interval = save_interval
+        self.asynchronous = asynchronous
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
-        if record.step % self.save_interval == 0 or record.step == trainer.last_step or trainer.stop_request:
-            trainer.save(record.step)
+        leaving = record.step == trainer.last_step or trainer.stop_request is not None
+        if record.step % self.save_interval == 0 or leaving:
+            trainer.save(record.step, asynchronous=self.asynchronous and not leaving)

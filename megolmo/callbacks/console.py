@@ -42,7 +42,11 @@ class ConsoleLog(Callback):
             trainer.log(step_line(record, trainer.max_steps, eta))
 
     def after_save(self, trainer, step: int, path: Path) -> None:
-        trainer.log(f"saved checkpoint {path}")
+        report = trainer.last_save
+        if report.asynchronous:
+            trainer.log(f"saving checkpoint {path} in the background (training blocked {report.blocked_s:.2f} s)")
+        else:
+            trainer.log(f"saved checkpoint {path} (training blocked {report.blocked_s:.2f} s)")
 
     def on_end(self, trainer) -> None:
         trainer.log(f"done: {len(trainer.records)} steps; run directory {trainer.run_dir.path.resolve()}")

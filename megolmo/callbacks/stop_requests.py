@@ -96,7 +96,8 @@ class StopRequests(Callback):
         self._save_started = time.monotonic()
 
     def after_save(self, trainer, step: int, path) -> None:
-        self.longest_save = max(self.longest_save, time.monotonic() - self._save_started)
+        self.longest_save = max(self.longest_save, time.monotonic() - self._save_started,
+                                trainer.checkpoints.longest_save_s)  # a stop's save is synchronous: whole saves count
         self._last = time.monotonic()  # a save is not part of the next step's time
 
     def on_end(self, trainer) -> None:

@@ -34,11 +34,9 @@ def modules_with_state(chunks: Sequence[nn.Module]) -> dict[str, nn.Module]:
             if type(module).get_extra_state is not nn.Module.get_extra_state}
 
 
-def save_module_states(directory: Path, chunks: Sequence[nn.Module], rank: int) -> None:
-    states = {name: module.get_extra_state() for name, module in modules_with_state(chunks).items()}
-    if states:
-        (directory / MODULE_STATE).mkdir(exist_ok=True)
-        torch.save(states, directory / MODULE_STATE / f"rank{rank}.pt")
+def module_states(chunks: Sequence[nn.Module]) -> dict[str, Any]:
+    """This rank's module states, captured now (a save may write them later); empty without stateful modules."""
+    return {name: module.get_extra_state() for name, module in modules_with_state(chunks).items()}
 
 
 def load_module_states(directory: Path, chunks: Sequence[nn.Module]) -> list[str]:

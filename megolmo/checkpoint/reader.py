@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megolmo.checkpoint.manager import MANIFEST, MODEL_CONFIG, TRAINER_STATE, resolve_checkpoint, verify_checkpoint
+from megolmo.checkpoint.manager import MODEL_CONFIG, resolve_checkpoint
+from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE, verify_checkpoint, verify_checksums
 from megolmo.checkpoint.state import MODEL
 from megolmo.errors import MegolmoConfigError
 from megolmo.model.config import ModelConfig
@@ -104,7 +105,8 @@ class MegolmoCheckpoint(TensorSource):
         if not given.exists():
             raise MegolmoConfigError(f"checkpoint {given}: no such directory")
         self.path = resolve_checkpoint(given)
-        verify_checkpoint(self.path)  # manifest: every file present with its recorded size
+        verify_checkpoint(self.path)  # manifest: every file present with its recorded size and checksum
+        verify_checksums(self.path)
         config_path = self.path / MODEL_CONFIG
         if not config_path.exists():
             raise MegolmoConfigError(f"checkpoint {self.path}: {MODEL_CONFIG} is missing")

@@ -16,16 +16,23 @@ from megolmo.optim.adamw import DistributedAdamW
 MODEL, EXP_AVG, EXP_AVG_SQ = "model/", "optim/exp_avg/", "optim/exp_avg_sq/"
 
 
-def checkpoint_tensors(optimizer: DistributedAdamW, with_optimizer: bool = True) -> dict[str, GlobalPieces]:
-    """This rank's pieces of every global tensor, as views of the optimizer's storage (no copies)."""
-    slots = {slot.name: slot for slot in optimizer.buffers.slots}
-    sources = [(MODEL, optimizer.master)]
+def optimizer_flats(optimizer: DistributedAdamW, with_optimizer: bool = True) -> dict[str, list[torch.Tensor]]:
+    """The flat shards a checkpoint holds, by key prefix: fp32 masters, and the moments ``with_optimizer``."""
+    flats = {MODEL: optimizer.master}
     if with_optimizer:
-        sources += [(EXP_AVG, optimizer.exp_avg), (EXP_AVG_SQ, optimizer.exp_avg_sq)]
+        flats.update({EXP_AVG: optimizer.exp_avg, EXP_AVG_SQ: optimizer.exp_avg_sq})
+    return flats
+
+
+def checkpoint_tensors(optimizer: DistributedAdamW, with_optimizer: bool = True,
+                       flats: dict[str, list[torch.Tensor]] | None = None) -> dict[str, GlobalPieces]:
+    """This rank's pieces of every global tensor, as views of the optimizer's storage (no copies), or of
+    ``flats``: copies of ``optimizer_flats`` (an asynchronous save's staged state)."""
+    slots = {slot.name: slot for slot in optimizer.buffers.slots}
     pieces: dict[str, list[Piece]] = defaultdict(list)
     shapes: dict[str, tuple[int, ...]] = {}
-    for prefix, flats in sources:
-        for flat, segments in zip(flats, optimizer.segments):
+    for prefix, shards in (flats or optimizer_flats(optimizer, with_optimizer)).items():
+        for flat, segments in zip(shards, optimizer.segments):
             for seg in segments:
                 slot = slots[seg.name]
                 spec = slot.param.shard_spec

@@ -24,7 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItem
 
-from megolmo.checkpoint.manager import MODEL_CONFIG, TMP_PREFIX, TRAINER_STATE, write_manifest
+from megolmo.checkpoint.manager import MODEL_CONFIG, TMP_PREFIX
+from megolmo.checkpoint.manifest import TRAINER_STATE, write_manifest
 from megolmo.checkpoint.reader import TensorSource, return_freed_memory_promptly
 from megolmo.checkpoint.state import MODEL
 from megolmo.errors import MegolmoConfigError

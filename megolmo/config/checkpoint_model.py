@@ -19,7 +19,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from megolmo.checkpoint.hf import is_hf_dir
-from megolmo.checkpoint.manager import MANIFEST, MODEL_CONFIG, CheckpointManager, resolve_checkpoint
+from megolmo.checkpoint.manager import MODEL_CONFIG, CheckpointManager, resolve_checkpoint
+from megolmo.checkpoint.manifest import MANIFEST
 from megolmo.errors import MegolmoConfigError
 from megolmo.model.config import ModelConfig
 

@@ -120,6 +120,11 @@ class TrainerSection:
     seed: int = setting(1234, "model initialisation")
     run_dir: str | None = setting(None, "default: runs/<model>-<timestamp>, chosen once for all ranks")
     save_interval: int = setting(1000, "a checkpoint every this many steps, and one at the end of the job")
+    async_save: bool = setting(False, "interval checkpoints are written in the background: training waits only "
+                               "while the state is copied to host memory (the last save stays synchronous)")
+    step_timeout_s: float | None = setting(
+        None, "hang watchdog: a step or save that takes longer dumps every thread's stack into the run directory's "
+        "hangs/ and exits non-zero on every rank (null: off)")
     keep_last: int = setting(2, "complete checkpoints kept (plus trainer.keep_steps)")
     keep_steps: list[int] = setting([], "checkpoints at these steps are never pruned")
     log_interval: int = setting(1, "print a step line every this many steps")
