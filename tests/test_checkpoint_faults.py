@@ -1,0 +1,247 @@
+"""Faults without losses: asynchronous saves, a kill while one is in flight, a hang, and a chaos run in which
+ranks are killed at random and the job still ends bit-identical to an uninterrupted one."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megolmo.checkpoint.manager import REPLACED_PREFIX, TMP_PREFIX, CheckpointManager
+from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE
+from megolmo.checkpoint.rng import capture_rng_state, restore_rng_state
+from tests.checkpoint_contents import assert_same_contents
+from tests.conftest import write_tokens
+from tests.helpers import ROOT, free_port, run_entry_point, run_worker
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> str:
+    return write_tokens(tmp_path_factory.mktemp("faults-data") / "tokens.npy", 40_000, 300)
+
+
+def overrides(run_dir: Path, tokens: str, steps: int, *extra: str) -> list[str]:
+    return [f"data.paths=[{tokens}]", "data.dtype=uint16", "data.seq_len=32", "model.vocab_size=300",
+            "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=4",
+            "model.num_key_value_heads=2", "model.num_hidden_layers=2", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=2", f"trainer.max_steps={steps}", "optim.lr=2e-3", "optim.warmup_steps=2",
+            f"trainer.run_dir={run_dir}", "parallel.timeout_s=60", "parallel.distributed_optimizer=true",
+            "trainer.log_interval=1", *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((p for p in (run_dir / "checkpoints").iterdir() if p.is_dir() and not p.is_symlink()),
+                  key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"])
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- asynchronous saves -----------------------------------------------------------------------------
+INTERVAL_RUN = ["trainer.save_interval=5", "trainer.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory, tokens) -> Path:
+    run = tmp_path_factory.mktemp("sync") / "run"
+    ok(run_entry_point(overrides(run, tokens, 20, *INTERVAL_RUN), nproc=2))
+    return run
+
+
+def test_asynchronous_saves_change_nothing_but_the_wait(tmp_path, tokens, synchronous):
+    run = tmp_path / "async"
+    result = run_entry_point(overrides(run, tokens, 20, *INTERVAL_RUN, "trainer.async_save=true"), nproc=2)
+    ok(result)
+    assert losses(run) == losses(synchronous)
+    saved, reference = checkpoints(run), checkpoints(synchronous)
+    assert [p.name for p in saved] == [p.name for p in reference] == [
+        f"stage1-step{s}-tokens0B" for s in (5, 10, 15, 20)]
+    for mine, theirs in zip(saved, reference):
+        assert_same_contents(mine, theirs)
+    for step in (5, 10, 15):
+        assert f"saving checkpoint {run}/checkpoints/stage1-step{step}-tokens0B in the background" in result.stdout
+        assert f"checkpoint {run}/checkpoints/stage1-step{step}-tokens0B complete" in result.stdout
+    assert f"saved checkpoint {run}/checkpoints/stage1-step20-tokens0B (training blocked" in result.stdout
+    blocked = {m["step"]: m["checkpoint_blocked_s"] for m in metrics(run) if "checkpoint_blocked_s" in m}
+    assert sorted(blocked) == [6, 11, 16] and all(0 < s < 60 for s in blocked.values())
+    assert not (run / "hangs").exists()
+
+
+def test_a_kill_while_an_asynchronous_save_is_in_flight_resumes_from_the_previous_one(tmp_path, tokens,
+                                                                                    synchronous):
+    run = tmp_path / "killed"
+    args = overrides(run, tokens, 20, *INTERVAL_RUN, "trainer.async_save=true", "trainer.plots=false")
+    killed = run_worker("killed_during_async_save", args, nproc=2, env={"MEGOLMO_TEST_KILL_RANK": "1"})
+    assert killed.returncode != 0
+    names = {p.name for p in (run / "checkpoints").iterdir()}
+    assert (run / "checkpoints" / "latest").resolve().name == "stage1-step5-tokens0B"
+    assert f"{TMP_PREFIX}stage1-step10-tokens0B" in names  # written, never published
+    assert max(m["step"] for m in metrics(run)) > 10  # training went on while the save was in flight
+    resumed = run_entry_point(overrides(run, tokens, 20, *INTERVAL_RUN, "trainer.async_save=true"), nproc=2)
+    ok(resumed)
+    assert f"starting at step 5 from {run}/checkpoints/stage1-step5-tokens0B" in resumed.stdout
+    assert losses(run) == losses(synchronous)
+    assert_same_contents(checkpoints(run)[-1], checkpoints(synchronous)[-1])
+    assert not any(p.name.startswith(TMP_PREFIX) for p in (run / "checkpoints").iterdir())
+
+
+# -- the hang watchdog ----------------------------------------------------------------------------------
+def test_a_hung_rank_ends_every_rank_with_a_stack_dump(tmp_path, tokens):
+    timeout_s = 6
+    run = tmp_path / "hung"
+    args = overrides(run, tokens, 10, f"trainer.step_timeout_s={timeout_s}", "trainer.plots=false")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "MEGOLMO_TEST_HANG_RANK": "1",
+           "MEGOLMO_TEST_HANG_STEP": "3"}
+    worker = [sys.executable, str(ROOT / "tests" / "workers" / "hung_step.py"), *args]
+    ranks = [subprocess.Popen(worker, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    ended: dict[int, float] = {}
+    while len(ended) < 2:  # every rank must end on its own: no launcher stops the others here
+        for rank, process in enumerate(ranks):
+            if rank not in ended and process.poll() is not None:
+                ended[rank] = time.time()
+        time.sleep(0.05)
+        if len(ended) < 2 and any(time.time() - t > 4 * timeout_s for t in ended.values()):
+            for process in ranks:
+                process.kill()
+            pytest.fail(f"a rank is still running {4 * timeout_s} s after another ended")
+    assert all(process.returncode != 0 for process in ranks), [p.stderr.read()[-2000:] for p in ranks]
+    dumps = sorted((run / "hangs").glob("rank*-pid*.txt"))
+    assert [d.name.split("-")[0] for d in dumps] == ["rank0", "rank1"]
+    for rank, dump in enumerate(dumps):
+        text = dump.read_text()
+        header = re.match(rf"rank {rank}: step 3, started (\S+) \(trainer.step_timeout_s={timeout_s}\)", text)
+        assert header, text[:300]
+        started = datetime.datetime.fromisoformat(header.group(1)).timestamp()
+        assert "Timeout (0:00:06)!" in text and "most recent call first" in text
+        assert ended[rank] - started <= 2 * timeout_s + 1, (rank, ended[rank] - started)
+    assert "in run_and_hang" in dumps[1].read_text()  # the hung rank's stack shows where it sleeps
+
+
+# -- unit checks -----------------------------------------------------------------------------------------
+def test_latest_falls_back_to_a_complete_checkpoint_while_one_is_replaced(tmp_path):
+    """The moments of a re-save under an existing name: the old copy moved aside, the new one not yet renamed."""
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for name, step in ((f"{REPLACED_PREFIX}stage1-step4-tokens0B", 4), (f"{TMP_PREFIX}stage1-step4-tokens0B", 4),
+                       ("stage1-step2-tokens0B", 2)):
+        (root / name).mkdir(parents=True)
+        (root / name / TRAINER_STATE).write_text(json.dumps({"step": step}))
+        (root / name / MANIFEST).write_text(json.dumps({"files": {}}))
+    (root / "latest").symlink_to("stage1-step4-tokens0B")  # dangling: the published copy is moved aside
+    assert manager.latest().name in (f"{REPLACED_PREFIX}stage1-step4-tokens0B", f"{TMP_PREFIX}stage1-step4-tokens0B")
+    (root / f"{TMP_PREFIX}stage1-step4-tokens0B" / MANIFEST).unlink()  # a save still being written is not complete
+    assert manager.latest().name == f"{REPLACED_PREFIX}stage1-step4-tokens0B"
+
+
+def test_cuda_rng_state_is_restored_on_the_ranks_own_device(monkeypatch):
+    """By construction (no GPU here): the CUDA state read and restored is the rank's device's, never all devices'."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state)))
+    device = torch.device("cuda", 3)
+    state = capture_rng_state(device)
+    restore_rng_state(state, device)
+    restore_rng_state({"cpu": state["cpu"], "cuda": [torch.zeros(3)] * 3 + [torch.full((3,), 7.0)]}, device)
+    assert calls[0] == ("get", device) and calls[1][:2] == ("set", device) and torch.equal(calls[1][2], torch.ones(3))
+    assert torch.equal(calls[2][2], torch.full((3,), 7.0))  # an older checkpoint's list: this device's entry
+
+
+# -- chaos ---------------------------------------------------------------------------------------------
+CHAOS_STEPS, CHAOS_INTERVAL, KILLS = 30, 3, 5
+CHAOS = ["parallel.tensor=2", f"trainer.save_interval={CHAOS_INTERVAL}", "trainer.async_save=true",
+         "trainer.keep_last=3", "trainer.plots=false"]
+
+
+def worker_pids(agent: int) -> list[int]:
+    """The training processes torchrun's agent started (its children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == agent and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def latest_step(run: Path) -> int:
+    latest = CheckpointManager(run, keep_last=1).latest()
+    try:
+        return json.loads((latest / TRAINER_STATE).read_text())["step"] if latest else 0
+    except OSError:
+        return -1  # pruned or renamed as we looked
+
+
+def test_chaos_random_kills_end_bit_identical(tmp_path, tokens):
+    reference = tmp_path / "reference"
+    ok(run_entry_point(overrides(reference, tokens, CHAOS_STEPS, *CHAOS), nproc=4, timeout=300))
+    seed = random.randrange(1 << 30)
+    chance = random.Random(seed)
+    run = tmp_path / "chaos"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--max-restarts", str(KILLS + 2),
+           "--monitor-interval", "0.1", "--master-port", str(free_port()), "-m", "megolmo.train",
+           *overrides(run, tokens, CHAOS_STEPS, *CHAOS)]
+    job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True),
+               threading.Thread(target=lambda: job.stderr.read(), daemon=True)]
+    for reader in readers:
+        reader.start()
+    kills = []  # (step completed when killed, newest complete checkpoint's step then)
+    try:
+        for target in sorted(chance.sample(range(2, CHAOS_STEPS - 4), KILLS)):
+            deadline = time.time() + 120
+            while True:  # this attempt (started after the last kill) has reached the target step
+                steps = [int(m.group(1)) for line in list(lines)
+                         for m in [re.match(r"step\s+(\d+)/", line)] if m]
+                started = sum("kernels:" in line for line in lines)
+                if started > len(kills) and steps and steps[-1] >= target:
+                    break
+                assert time.time() < deadline and job.poll() is None, (f"seed {seed}: no progress", lines[-5:])
+                time.sleep(0.02)
+            time.sleep(chance.uniform(0, 0.4))
+            pids = worker_pids(job.pid)
+            assert len(pids) == 4, f"seed {seed}: workers {pids}"
+            kills.append((steps[-1], latest_step(run)))
+            os.kill(chance.choice(pids), signal.SIGKILL)
+        assert job.wait(timeout=300) == 0, f"seed {seed}: the job failed"
+    finally:
+        if job.poll() is None:
+            job.kill()
+    resumes = [(int(m.group(1)), m.group(2)) for line in lines
+               for m in [re.match(r"starting at step (\d+) from (\S+)", line)] if m]
+    assert len(resumes) == KILLS, (seed, resumes)
+    for (completed, newest), (step, path) in zip(kills, resumes):
+        name = Path(path).name
+        assert re.fullmatch(rf"stage1-step{step}-tokens0B", name) and step % CHAOS_INTERVAL == 0, (seed, path)
+        assert step >= newest, (seed, kills, resumes)  # never an older checkpoint than the newest complete one
+        # redone: the steps since that checkpoint; a save still in flight at the kill adds up to one interval
+        assert completed - step <= 2 * CHAOS_INTERVAL - 1, (seed, kills, resumes)
+    assert losses(run) == losses(reference), f"seed {seed}"
+    assert_same_contents(checkpoints(run)[-1], checkpoints(reference)[-1])
+    assert not any(p.name.startswith((TMP_PREFIX, REPLACED_PREFIX)) for p in (run / "checkpoints").iterdir())
