@@ -15,7 +15,7 @@ import torch.distributed
 
 from megolmo.callbacks.base import CallbackError
 from megolmo.callbacks.stop_requests import PREEMPTED_EXIT_CODE
-from megolmo.errors import MegolmoConfigError
+from megolmo.errors import MegolmoConfigError, TrainingDivergedError
 from megolmo.launcher_report import report_failure
 
 
@@ -23,9 +23,10 @@ def run(overrides: list[str]) -> None:
     """Train; on failure make every rank exit instead of leaving peers blocked in a collective.
 
     A config error is detected identically on every rank, or agreed on by all ranks at start-up
-    (``parallel/agree.py``): rank 0 prints it in one line. Any other error is printed in full by the
-    rank where it happened (a failing callback in one line naming it), which then exits at once: its
-    closed connections fail the peers' pending collectives, and the peers exit with a one-line notice.
+    (``parallel/agree.py``), and so is a run that diverged (``optim.max_nonfinite_steps`` non-finite steps
+    in a row): rank 0 prints it in one line. Any other error is printed in full by the rank where it
+    happened (a failing callback in one line naming it), which then exits at once: its closed
+    connections fail the peers' pending collectives, and the peers exit with a one-line notice.
     """
     from megolmo.config import load_config
     from megolmo.errors import RendezvousError
@@ -41,12 +42,12 @@ def run(overrides: list[str]) -> None:
     except RunFinished as finished:  # a requeued or retried job that has already done its work
         if rank == 0:
             print(f"megolmo: {finished}", flush=True)
-    except MegolmoConfigError as error:
+    except (MegolmoConfigError, TrainingDivergedError) as error:  # raised alike on every rank
         line = f"megolmo: error: {error}"
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
         report_failure(line)
-        exit_code = 2
+        exit_code = 2 if isinstance(error, MegolmoConfigError) else 1
     except RendezvousError as error:  # each rank finds it out on its own: no peer to blame, none to wait for
         line = f"megolmo: rank {rank}: error: {error}"
         print(line, file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from megolmo.flops import device_peak_flops, training_flops_per_token
 from megolmo.kernels.select import Fp8Settings, check_fp8_shapes, choose_kernels
 from megolmo.model.config import ModelConfig
 from megolmo.optim.adamw import AdamWSettings
+from megolmo.optim.nonfinite import nonfinite_steps
 from megolmo.optim.schedule import check_schedule, learning_rate
 from megolmo.optim.skip_step import skip_step_settings
 from megolmo.parallel.agree import agree_on_errors
@@ -92,6 +93,7 @@ class Trainer:
         t, p = cfg.trainer, cfg.parallel
         check_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, t.max_steps)
         self.skip_step = skip_step_settings(cfg.optim.skip_step)
+        self.nonfinite = nonfinite_steps(cfg.optim.max_nonfinite_steps)  # the count of NaN/inf steps, in a row
         if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
             raise MegolmoConfigError(f"trainer.stop_at={t.stop_at}: must be in 1..trainer.max_steps={t.max_steps}")
         if p.virtual_pipeline > 1 and p.pipeline == 1:
@@ -208,9 +210,12 @@ class Trainer:
         return 0, None
 
     def resume_loop(self, loaded: LoadedState) -> None:
-        """The schedule's position (steps the guard skipped do not advance it) and the guard's history."""
+        """The schedule's position (steps the guards skipped do not advance it), the skip-step guard's history and
+        the non-finite steps in a row."""
         state = loaded.trainer_state
         self.schedule_step = state.get("schedule_step", loaded.step)
+        if "nonfinite" in state:
+            self.nonfinite.load_state_dict(state["nonfinite"])
         if self.step_fn.skip_guard is not None and "skip_step" in state:
             self.step_fn.skip_guard.load_state_dict(state["skip_step"])
 
@@ -220,7 +225,7 @@ class Trainer:
         t = self.cfg.trainer
         tokens = step * self.tokens_per_step
         state = {"step": step, "tokens": tokens, "optimizer_steps": self.optimizer.step_count,
-                 "schedule_step": self.schedule_step,
+                 "schedule_step": self.schedule_step, "nonfinite": self.nonfinite.state_dict(),
                  "lr": self.learning_rate(self.schedule_step),  # where the schedule stands: a stage 2 starts there
                  "stage": t.stage, "ingredient": t.ingredient,
                  "data_seed": self.cfg.data.seed, FINGERPRINT_KEY: self.data_fingerprint,
@@ -272,11 +277,16 @@ class Trainer:
         lr = self.learning_rate(self.schedule_step)
         batch, loss_tokens, masked, waited = self.read_batch(step)
         result = self.step_fn.run(batch.micro_batches, loss_tokens, lr)
-        self.schedule_step += not result.skipped
+        self.schedule_step += result.applied
+        if self.nonfinite.count(result.nonfinite):  # the same count on every rank: all raise the same error
+            raise self.nonfinite.diverged(step + 1, self.step_fn.nonfinite_gradients())
+        if result.nonfinite:
+            self.log(self.nonfinite.skipped_line(step + 1))
         step_time = time.perf_counter() - started
         tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         extra = {"skipped_step": int(result.skipped)} if self.step_fn.skip_guard is not None else {}
+        extra["nonfinite_step"] = int(result.nonfinite)
         if self.save_blocked_s is not None:  # the save after the previous step held training this long
             extra["checkpoint_blocked_s"], self.save_blocked_s = self.save_blocked_s, None
         return StepRecord(step + 1, result.ce_sum / loss_tokens, self.cfg.optim.z_loss * result.z_sum / loss_tokens,

@@ -20,7 +20,8 @@ ADDED_SUMMARY_KEYS = {"pipeline_schedule", "run_dir", "nodes", "data"}  # new wi
 ADDED_BUBBLE_KEYS = {"schedule"}
 ADDED_CONSOLE_PREFIXES = ("layout: ", "parameters: ", "data: ", "plots: ")  # the start-up block, the pictures
 ADDED_FILES = {"loss.png"}
-ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances", "step_time_s", "peak_allocated_gb", "peak_reserved_gb"}
+ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances", "step_time_s", "peak_allocated_gb", "peak_reserved_gb",
+                     "nonfinite_step"}
 LAYOUTS = {"single": (1, []), "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"])}
 
 

@@ -40,6 +40,7 @@ def test_the_guard_decides_as_olmo_core_does():
         losses, norms = [*losses, loss][-33:], [*norms, norm][-33:]
         expected = olmo_core_allows(losses, norms, 3.0, 16)
         assert guard.allows(loss, norm) == expected, step
+        guard.record(loss, norm)
         skipped += not expected
     assert 10 < skipped < 80
     assert guard.allows(float("nan"), 1.0) is False  # a NaN is never within the history
@@ -47,8 +48,12 @@ def test_the_guard_decides_as_olmo_core_does():
 
 def test_nothing_is_skipped_before_the_history_is_long_enough():
     guard = SkipStepGuard(SkipStepSettings(sigma=6.0, window=128, min_history=64))
-    assert all(guard.allows(1.0 + 1e-3 * i, 1.0) for i in range(64))
-    assert guard.allows(1e6, 1.0) is False and len(guard.losses) == 65
+    for i in range(64):
+        assert guard.allows(1.0 + 1e-3 * i, 1.0)
+        guard.record(1.0 + 1e-3 * i, 1.0)
+    assert guard.allows(1e6, 1.0) is False
+    guard.record(1e6, 1.0)  # a skipped step joins the history too
+    assert len(guard.losses) == 65
 
 
 def spiked_copy(clean: str, path: Path, job: list[str]) -> str:

@@ -91,6 +91,8 @@ class OptimSection:
     clip_grad_norm: float = setting(1.0, "global gradient-norm clipping threshold; <= 0 disables clipping")
     z_loss: float = setting(1.0e-5, "weight of the z-loss, mean(logsumexp^2) over loss-bearing tokens")
     skip_step: SkipStepSection = field(default_factory=SkipStepSection)
+    max_nonfinite_steps: int = setting(8, "steps with a NaN or infinite loss or grad norm are skipped on every rank; "
+                                       "this many in a row stop the job, naming the first non-finite gradient")
 
 
 @dataclass

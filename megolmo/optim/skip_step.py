@@ -3,12 +3,15 @@ history is not applied.
 
 The rule is OLMo-core's (``SkipStepOptimizer``): every step's loss and pre-clip gradient norm join a history
 of the last ``window`` steps, applied or not; once ``min_history`` earlier steps are there, a step is skipped
-when its loss or its norm exceeds the history's mean by more than ``sigma`` sample standard deviations (a NaN
-is never within, so it is skipped too). The first ``min_history`` steps are never skipped. Both inputs are
-all-reduced values, equal on every rank, and the trainer still agrees the decision across ranks.
+when its loss or its norm exceeds the history's mean by more than ``sigma`` sample standard deviations. The
+first ``min_history`` steps are never skipped. A NaN or an infinity is the non-finite guard's
+(``megolmo/optim/nonfinite.py``) and never joins the history: it would make the mean non-finite and every
+later step an outlier. Both inputs are all-reduced values, equal on every rank; the trainer still agrees the
+decision across ranks, and records a step (on every rank alike) only when no rank saw it non-finite.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,13 +49,18 @@ class SkipStepGuard:
     grad_norms: list[float] = field(default_factory=list)
 
     def allows(self, loss: float, grad_norm: float) -> bool:
-        """Whether this step's update is applied; its values join the history either way."""
+        """Whether this step's update is applied, judged against the history before it."""
         s = self.settings
-        allowed = len(self.losses) < s.min_history or (
+        return len(self.losses) < s.min_history or (
             within(loss, self.losses, s.sigma) and within(grad_norm, self.grad_norms, s.sigma))
-        self.losses = [*self.losses, loss][-s.window:]
-        self.grad_norms = [*self.grad_norms, grad_norm][-s.window:]
-        return allowed
+
+    def record(self, loss: float, grad_norm: float) -> None:
+        """A judged step's values join the history, applied or not; non-finite ones never do."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return
+        window = self.settings.window
+        self.losses = [*self.losses, loss][-window:]
+        self.grad_norms = [*self.grad_norms, grad_norm][-window:]
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}

@@ -7,6 +7,7 @@ measured and tested is what trains.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,9 @@ from megolmo.model.olmo2 import Olmo2ForCausalLM
 from megolmo.optim.adamw import AdamWSettings, DistributedAdamW
 from megolmo.optim.buffers import FlatBuffers
 from megolmo.optim.grad_sync import GradientSynchronizer
+from megolmo.optim.nonfinite import first_nonfinite_gradient
 from megolmo.optim.skip_step import SkipStepGuard, SkipStepSettings
-from megolmo.parallel.collectives import all_gather, all_reduce_values, world_group
+from megolmo.parallel.collectives import all_gather, all_gather_objects, all_reduce_values, world_group
 from megolmo.parallel.mappings import all_reduce_sum
 from megolmo.parallel.state import ParallelState
 from megolmo.step.chunks import ChunkSettings, build_chunks
@@ -49,8 +51,13 @@ class StepSettings:
 class StepResult:
     ce_sum: float      # summed token cross-entropy over the global batch
     z_sum: float       # summed logsumexp^2 over the global batch
-    grad_norm: float
-    skipped: bool = False  # the skip-step guard withheld this step's update
+    grad_norm: float   # this rank's: a NaN in one rank's gradients reaches only some ranks' norms
+    skipped: bool = False    # the skip-step guard withheld this step's update
+    nonfinite: bool = False  # some rank's loss or grad norm was NaN or infinite: no rank applied the update
+
+    @property
+    def applied(self) -> bool:
+        return not (self.skipped or self.nonfinite)
 
 
 class TrainStep:
@@ -97,15 +104,27 @@ class TrainStep:
             all_reduce_sum(grad, self.ps.tp_group)
         sums = all_reduce_sum(all_reduce_sum(torch.stack([ce, z]), self.ps.dp_group), self.ps.pp_group)
         norm = self.optimizer.grad_norm()
-        if self.skip_guard is not None and not self.applies(float(sums[0]) / max(loss_tokens, 1), float(norm)):
-            return StepResult(float(sums[0]), float(sums[1]), float(norm), skipped=True)
+        nonfinite, skipped = self.withheld(float(sums[0]) / max(loss_tokens, 1), float(norm))
+        if nonfinite or skipped:
+            return StepResult(float(sums[0]), float(sums[1]), float(norm), skipped, nonfinite)
         grad_norm = self.optimizer.step(lr, norm)
         return StepResult(float(sums[0]), float(sums[1]), grad_norm)
 
-    def applies(self, loss: float, grad_norm: float) -> bool:
-        """The skip-step guard's decision, agreed by every rank (a skip anywhere is a skip everywhere)."""
-        skip = float(not self.skip_guard.allows(loss, grad_norm))
-        return all_reduce_values([skip], "max", world_group())[0] == 0.0
+    def withheld(self, loss: float, grad_norm: float) -> tuple[bool, bool]:
+        """Whether no rank applies this step because some rank's loss or norm is non-finite, and whether the
+        skip-step guard withholds it: agreed by every rank in one tiny all-reduce (a NaN in one rank's gradients
+        reaches only its tensor-parallel group's norm; a skip anywhere is a skip everywhere). A non-finite step
+        joins the guard's history on no rank, so the ranks' histories stay equal."""
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        outlier = finite and self.skip_guard is not None and not self.skip_guard.allows(loss, grad_norm)
+        nonfinite, skipped = all_reduce_values([float(not finite), float(outlier)], "max", world_group())
+        if self.skip_guard is not None and not nonfinite:
+            self.skip_guard.record(loss, grad_norm)
+        return bool(nonfinite), bool(skipped and not nonfinite)
+
+    def nonfinite_gradients(self) -> list[str | None]:
+        """Collective over all ranks, after a non-finite step: each global rank's first non-finite gradient."""
+        return all_gather_objects(first_nonfinite_gradient(self.optimizer), world_group())
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Forward only over this rank's micro-batches of a batch shaped like a training step's: each row's
