@@ -208,8 +208,9 @@ def test_chaos_random_kills_end_bit_identical(tmp_path, tokens):
     job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
+    errors: list[str] = []
     readers = [threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True),
-               threading.Thread(target=lambda: job.stderr.read(), daemon=True)]
+               threading.Thread(target=lambda: errors.extend(job.stderr), daemon=True)]
     for reader in readers:
         reader.start()
     kills = []  # (step completed when killed, newest complete checkpoint's step then)
@@ -222,17 +223,18 @@ def test_chaos_random_kills_end_bit_identical(tmp_path, tokens):
                 started = sum("kernels:" in line for line in lines)
                 if started > len(kills) and steps and steps[-1] >= target:
                     break
-                assert time.time() < deadline and job.poll() is None, (f"seed {seed}: no progress", lines[-5:])
+                assert time.time() < deadline and job.poll() is None, (f"seed {seed}: no progress", lines[-5:], errors[-30:])
                 time.sleep(0.02)
             time.sleep(chance.uniform(0, 0.4))
             pids = worker_pids(job.pid)
             assert len(pids) == 4, f"seed {seed}: workers {pids}"
             kills.append((steps[-1], latest_step(run)))
             os.kill(chance.choice(pids), signal.SIGKILL)
-        assert job.wait(timeout=300) == 0, f"seed {seed}: the job failed"
+        assert job.wait(timeout=300) == 0, (f"seed {seed}: the job failed", errors[-30:])
     finally:
         if job.poll() is None:
             job.kill()
+        (tmp_path / "chaos.log").write_text("".join(lines) + "".join(errors))
     resumes = [(int(m.group(1)), m.group(2)) for line in lines
                for m in [re.match(r"starting at step (\d+) from (\S+)", line)] if m]
     assert len(resumes) == KILLS, (seed, resumes)

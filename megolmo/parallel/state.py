@@ -171,9 +171,17 @@ def join_process_group(backend: str, launch: LaunchInfo, timeout_s: float) -> No
     """``init_process_group``; its rendezvous errors are torch ``DistError`` exceptions, which the entry point
     would take for a failed peer: raised instead as one line naming the address and where it came from."""
     where = f"{launch.master_addr}:{launch.master_port}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{where}", rank=launch.rank,
-                                world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        restart = restart_attempt()
+        if restart is None:
+            dist.init_process_group(backend, init_method=f"tcp://{where}", rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timeout)
+        else:
+            agent_store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                                        timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"megolmo/attempt{restart}", agent_store),
+                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     except dist.DistStoreError as error:  # the store answered but some ranks never came
         raise RendezvousError(f"not all {launch.world_size} ranks joined the rendezvous at {where} within "
                               f"{timeout_s:g} s ({first_line(error)}; {launch.rendezvous_origin()}); "
@@ -181,6 +189,16 @@ def join_process_group(backend: str, launch: LaunchInfo, timeout_s: float) -> No
     except dist.DistNetworkError as error:  # it answered, but not as a store does: another service's port?
         raise RendezvousError(f"the rendezvous at {where} answered, then failed ({first_line(error)}; "
                               f"{launch.rendezvous_origin()})") from error
+
+
+def restart_attempt() -> int | None:
+    """torchrun's restart count when its agent hosts the store. That store outlives the workers of an attempt
+    (``--max-restarts``), and the process-group keys the previous attempt left in it (every rank's gloo
+    address) would be read by the next one, which then connects to ranks that are gone: each attempt keeps
+    its keys under a prefix of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def first_line(error: BaseException) -> str:
