@@ -12,6 +12,7 @@ import torch
 
 from megolmo.checkpoint.manager import checkpoint_name
 from megolmo.checkpoint.manifest import MANIFEST
+from megolmo.checkpoint.reader import MegolmoCheckpoint
 from megolmo.config import load_config
 from megolmo.errors import MegolmoConfigError
 from megolmo.optim.schedule import learning_rate
@@ -178,6 +179,13 @@ def test_checkpoint_errors(tmp_path, tokens, straight):
     import shutil
     shutil.copytree((straight / "checkpoints" / "latest").resolve(), damaged)
     shard = next(damaged.glob("*.distcp"))
+    rotted = bytearray(shard.read_bytes())
+    rotted[len(rotted) // 2] ^= 0x10  # one flipped bit, size unchanged
+    shard.write_bytes(bytes(rotted))
+    with pytest.raises(MegolmoConfigError, match=f"shard {shard} is corrupt \\(xxh3_64 [0-9a-f]+, the manifest records"):
+        Trainer(load_config(overrides(tmp_path / "e", tokens, f"load_path={damaged}", "reset_trainer_state=true")))
+    with pytest.raises(MegolmoConfigError, match=f"shard {shard} is corrupt"):  # the converters read it too
+        MegolmoCheckpoint(damaged)
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(MegolmoConfigError, match=f"shard {shard} is truncated"):
         Trainer(load_config(overrides(tmp_path / "c", tokens, f"load_path={damaged}")))

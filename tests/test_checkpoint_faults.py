@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from megolmo.checkpoint.manager import REPLACED_PREFIX, TMP_PREFIX, CheckpointManager
-from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE
+from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE, file_checksum, manifest_entries
 from megolmo.checkpoint.rng import capture_rng_state, restore_rng_state
 from tests.checkpoint_contents import assert_same_contents
 from tests.conftest import write_tokens
@@ -84,6 +85,23 @@ def test_asynchronous_saves_change_nothing_but_the_wait(tmp_path, tokens, synchr
     blocked = {m["step"]: m["checkpoint_blocked_s"] for m in metrics(run) if "checkpoint_blocked_s" in m}
     assert sorted(blocked) == [6, 11, 16] and all(0 < s < 60 for s in blocked.values())
     assert not (run / "hangs").exists()
+
+
+def test_a_rotted_shard_is_refused_by_the_rank_that_checks_it(tmp_path, tokens, synchronous):
+    """Each rank checksums a share of the files; the one that finds the damage names it, and every rank stops."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoints(synchronous)[-1], damaged)
+    shard = damaged / "__0_0.distcp"  # the manifest's second file, in rank 1's share of two
+    rotted = bytearray(shard.read_bytes())
+    rotted[-5] ^= 0x01
+    shard.write_bytes(bytes(rotted))
+    result = run_entry_point(overrides(tmp_path / "run", tokens, 2, f"load_path={damaged}", "reset_trainer_state=true"),
+                             nproc=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("megolmo:")]
+    assert errors == [f"megolmo: error: checkpoint {damaged}: shard {shard} is corrupt (xxh3_64 "
+                      f"{file_checksum(shard)}, the manifest records {manifest_entries(damaged)[shard.name]['xxh3_64']}"
+                      "); load an earlier checkpoint (on rank 1)"], result.stderr[-2000:]
 
 
 def test_a_kill_while_an_asynchronous_save_is_in_flight_resumes_from_the_previous_one(tmp_path, tokens,

@@ -119,3 +119,10 @@ def test_the_estimate_counts_the_trainers_own_buffers(tmp_path):
     assert math.isclose(got.weights * 1e9, buffers.param_bytes, rel_tol=1e-9)
     assert math.isclose(got.grads * 1e9, buffers.grad_bytes, rel_tol=1e-9)
     assert math.isclose(got.optimizer * 1e9, trainer.step_fn.optimizer.state_bytes(), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "sft"])
+def test_recipes_survive_faults(stage):
+    """Long multi-node jobs: saves in the background, and a hang ends in a restart rather than a wait."""
+    cfg = compose(f"olmo2_7b_{stage}")
+    assert cfg.trainer.async_save and cfg.trainer.step_timeout_s == 1800
