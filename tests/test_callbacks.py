@@ -16,12 +16,12 @@ from tests.helpers import ROOT, run_entry_point, run_worker, torchrun_root_cause
 # Recorded with the trainer before the callback layer (commit 1ba5975), same configs and data as below; the
 # losses (console, metrics, final_loss) re-recorded when the data order became per-index (issue 15).
 BEFORE = json.loads((ROOT / "tests" / "data" / "run_observed_before_callbacks.json").read_text())
-ADDED_SUMMARY_KEYS = {"pipeline_schedule", "run_dir", "nodes", "data"}  # new with the schedules; the rest of summary.json is unchanged
+ADDED_SUMMARY_KEYS = {"pipeline_schedule", "run_dir", "nodes", "data", "nonfinite_steps", "checkpoints"}  # new with the schedules; the rest of summary.json is unchanged
 ADDED_BUBBLE_KEYS = {"schedule"}
 ADDED_CONSOLE_PREFIXES = ("layout: ", "parameters: ", "data: ", "plots: ")  # the start-up block, the pictures
 ADDED_FILES = {"loss.png"}
 ADDED_METRIC_KEYS = {"data_wait_s", "masked_instances", "step_time_s", "peak_allocated_gb", "peak_reserved_gb",
-                     "nonfinite_step"}
+                     "nonfinite_step", "checkpoint_blocked_s"}
 LAYOUTS = {"single": (1, []), "pp2": (2, ["parallel.pipeline=2", "trainer.profile_steps=[2]"])}
 
 
@@ -34,7 +34,7 @@ def overrides(tokens: str, run: Path, *extra: str) -> list[str]:
 
 def observe(run: Path, stdout: str) -> dict:
     """What a user sees of a run, with paths and timings masked."""
-    console = [re.sub(r"[\d,]+ tok/s \| ETA \S+", "<RATE>", line)
+    console = [re.sub(r" \(training blocked [\d.]+ s\)$", "", re.sub(r"[\d,]+ tok/s \| ETA \S+", "<RATE>", line))
                for line in stdout.replace(str(run.resolve()), "<RUN>").replace(str(run), "<RUN>").splitlines()
                if not line.startswith(ADDED_CONSOLE_PREFIXES)]
     metrics = [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_sec", *ADDED_METRIC_KEYS)}

@@ -5,19 +5,17 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from megolmo.benchmarks.chaos import run_chaos
 from megolmo.checkpoint.manager import REPLACED_PREFIX, TMP_PREFIX, CheckpointManager
 from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE, file_checksum, manifest_entries
 from megolmo.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -85,6 +83,8 @@ def test_asynchronous_saves_change_nothing_but_the_wait(tmp_path, tokens, synchr
     blocked = {m["step"]: m["checkpoint_blocked_s"] for m in metrics(run) if "checkpoint_blocked_s" in m}
     assert sorted(blocked) == [6, 11, 16] and all(0 < s < 60 for s in blocked.values())
     assert not (run / "hangs").exists()
+    summary = json.loads((run / "summary.json").read_text())["checkpoints"]
+    assert summary["saves"] == 4 and summary["asynchronous"] and summary["blocked_s_max"] >= max(blocked.values())
 
 
 def test_a_rotted_shard_is_refused_by_the_rank_that_checks_it(tmp_path, tokens, synchronous):
@@ -189,79 +189,23 @@ def test_cuda_rng_state_is_restored_on_the_ranks_own_device(monkeypatch):
 # -- chaos ---------------------------------------------------------------------------------------------
 CHAOS_STEPS, CHAOS_INTERVAL, KILLS = 30, 3, 5
 CHAOS = ["parallel.tensor=2", f"trainer.save_interval={CHAOS_INTERVAL}", "trainer.async_save=true",
-         "trainer.keep_last=3", "trainer.plots=false"]
-
-
-def worker_pids(agent: int) -> list[int]:
-    """The training processes torchrun's agent started (its children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == agent and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def latest_step(run: Path) -> int:
-    latest = CheckpointManager(run, keep_last=1).latest()
-    try:
-        return json.loads((latest / TRAINER_STATE).read_text())["step"] if latest else 0
-    except OSError:
-        return -1  # pruned or renamed as we looked
+         "trainer.keep_last=3", "trainer.plots=false"]  # and ZeRO-1, in every run of this file
 
 
 def test_chaos_random_kills_end_bit_identical(tmp_path, tokens):
     reference = tmp_path / "reference"
     ok(run_entry_point(overrides(reference, tokens, CHAOS_STEPS, *CHAOS), nproc=4, timeout=300))
-    seed = random.randrange(1 << 30)
-    chance = random.Random(seed)
     run = tmp_path / "chaos"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--max-restarts", str(KILLS + 2),
-           "--monitor-interval", "0.1", "--master-port", str(free_port()), "-m", "megolmo.train",
-           *overrides(run, tokens, CHAOS_STEPS, *CHAOS)]
-    job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    errors: list[str] = []
-    readers = [threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True),
-               threading.Thread(target=lambda: errors.extend(job.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
-    kills = []  # (step completed when killed, newest complete checkpoint's step then)
-    try:
-        for target in sorted(chance.sample(range(2, CHAOS_STEPS - 4), KILLS)):
-            deadline = time.time() + 120
-            while True:  # this attempt (started after the last kill) has reached the target step
-                steps = [int(m.group(1)) for line in list(lines)
-                         for m in [re.match(r"step\s+(\d+)/", line)] if m]
-                started = sum("kernels:" in line for line in lines)
-                if started > len(kills) and steps and steps[-1] >= target:
-                    break
-                assert time.time() < deadline and job.poll() is None, (f"seed {seed}: no progress", lines[-5:], errors[-30:])
-                time.sleep(0.02)
-            time.sleep(chance.uniform(0, 0.4))
-            pids = worker_pids(job.pid)
-            assert len(pids) == 4, f"seed {seed}: workers {pids}"
-            kills.append((steps[-1], latest_step(run)))
-            os.kill(chance.choice(pids), signal.SIGKILL)
-        assert job.wait(timeout=300) == 0, (f"seed {seed}: the job failed", errors[-30:])
-    finally:
-        if job.poll() is None:
-            job.kill()
-        (tmp_path / "chaos.log").write_text("".join(lines) + "".join(errors))
-    resumes = [(int(m.group(1)), m.group(2)) for line in lines
-               for m in [re.match(r"starting at step (\d+) from (\S+)", line)] if m]
-    assert len(resumes) == KILLS, (seed, resumes)
-    for (completed, newest), (step, path) in zip(kills, resumes):
-        name = Path(path).name
-        assert re.fullmatch(rf"stage1-step{step}-tokens0B", name) and step % CHAOS_INTERVAL == 0, (seed, path)
-        assert step >= newest, (seed, kills, resumes)  # never an older checkpoint than the newest complete one
+    chaos = run_chaos(4, overrides(run, tokens, CHAOS_STEPS, *CHAOS), run, KILLS, CHAOS_STEPS - 5)
+    (tmp_path / "chaos.log").write_text("".join(chaos.stdout + chaos.stderr))
+    seed = f"chaos seed {chaos.seed}, log {tmp_path / 'chaos.log'}"
+    assert chaos.returncode == 0, seed
+    assert len(chaos.kills) == len(chaos.resumes) == KILLS, seed
+    for kill, (step, path) in zip(chaos.kills, chaos.resumes):
+        assert re.fullmatch(rf"stage1-step{step}-tokens0B", path.name) and step % CHAOS_INTERVAL == 0, seed
+        assert step >= kill.newest_complete, seed  # never older than the newest complete checkpoint
         # redone: the steps since that checkpoint; a save still in flight at the kill adds up to one interval
-        assert completed - step <= 2 * CHAOS_INTERVAL - 1, (seed, kills, resumes)
-    assert losses(run) == losses(reference), f"seed {seed}"
+        assert kill.completed - step <= 2 * CHAOS_INTERVAL - 1, seed
+    assert losses(run) == losses(reference), seed
     assert_same_contents(checkpoints(run)[-1], checkpoints(reference)[-1])
     assert not any(p.name.startswith((TMP_PREFIX, REPLACED_PREFIX)) for p in (run / "checkpoints").iterdir())

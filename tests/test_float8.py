@@ -120,7 +120,7 @@ def test_float8_checkpoint_loads_into_the_bf16_path_and_back(tmp_path):
     convert_to_float8(model, frozenset())
     _, optimizer = train(model, 3)
     path = CheckpointManager(tmp_path, keep_last=2).save(optimizer, "step3", {"step": 3, "tokens": 0,
-                                                                             "optimizer_steps": 3}, CFG.to_dict())
+                                                                             "optimizer_steps": 3}, CFG.to_dict()).path
     plain = bf16_model(seed=99)  # different weights until loaded
     plain_optimizer = train_step(plain, 2e-3).optimizer
     CheckpointManager.load(path, plain_optimizer, weights_only=False)

@@ -104,7 +104,7 @@ def test_module_state_moves_between_modules_that_keep_it_and_modules_that_do_not
     assert load_module_states(manager.latest(), [plain]) == []
 
     saved_plain = CheckpointManager(tmp_path / "plain", keep_last=1).save(
-        optimizer, "step3", STATE, CFG.to_dict(), [plain])
+        optimizer, "step3", STATE, CFG.to_dict(), [plain]).path
     assert not (saved_plain / "module_state").exists()
     stateful = full_model(seed=99)  # a TE run starting from a torch checkpoint: fresh histories
     CheckpointManager.load(saved_plain, train_step(stateful).optimizer, weights_only=True, chunks=[stateful])

@@ -11,8 +11,15 @@ class Checkpointing(Callback):
     def __init__(self, save_interval: int, asynchronous: bool = False):
         self.save_interval = save_interval
         self.asynchronous = asynchronous
+        self.blocked_s: list[float] = []  # each save's wait, as this rank saw it
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
         leaving = record.step == trainer.last_step or trainer.stop_request is not None
         if record.step % self.save_interval == 0 or leaving:
             trainer.save(record.step, asynchronous=self.asynchronous and not leaving)
+            self.blocked_s.append(trainer.last_save.blocked_s)
+
+    def summary(self, trainer) -> dict:
+        blocked = self.blocked_s
+        return {"checkpoints": {"saves": len(blocked), "asynchronous": self.asynchronous,
+                                "blocked_s_total": sum(blocked), "blocked_s_max": max(blocked, default=0.0)}}

@@ -26,6 +26,7 @@ class RunSummary(Callback):
             summary.update(steps=records[-1].step, tokens=records[-1].tokens, final_loss=records[-1].loss,
                            median_tokens_per_sec=statistics.median(r.tokens_per_sec for r in records),
                            mfu=statistics.median(r.mfu for r in records) if records[-1].mfu is not None else None)
+        summary["nonfinite_steps"] = trainer.nonfinite.total  # updates the non-finite guard skipped
         trainer.run_dir.write_summary(summary)
 
     @staticmethod
