@@ -30,7 +30,7 @@ RESUME_LINE = re.compile(r"starting at step (\d+) from (\S+)")
 
 @dataclass
 class Kill:
-    completed: int        # the last step the console had shown
+    completed: int        # the last step the console had shown when the kill fell
     newest_complete: int  # the step of the newest complete checkpoint at that moment (0: none)
 
 
@@ -44,9 +44,13 @@ class ChaosRun:
     stderr: list[str] = field(default_factory=list)
 
     @property
-    def resumes(self) -> list[tuple[int, Path]]:
-        """(step, checkpoint) of each restarted attempt, in order."""
-        return [(int(m.group(1)), Path(m.group(2))) for line in self.stdout for m in [RESUME_LINE.match(line)] if m]
+    def resumes(self) -> list[tuple[int, Path | None]]:
+        """(step, checkpoint) each restarted attempt started from, in order; (0, None) for a fresh start (a kill
+        before the first checkpoint). The console's start-up block says it right after the kernels' line."""
+        lines = list(self.stdout)
+        starts = [i for i, line in enumerate(lines) if line.startswith("kernels:")][1:]
+        found = [RESUME_LINE.match(lines[i + 1]) if i + 1 < len(lines) else None for i in starts]
+        return [(int(m.group(1)), Path(m.group(2))) if m else (0, None) for m in found]
 
 
 def training_pids(agent: int) -> list[int]:
@@ -92,12 +96,12 @@ def run_chaos(nproc: int, overrides: list[str], run_dir: Path, kills: int, last_
         reader.start()
     try:
         for target in sorted(chance.sample(range(2, last_target + 1), kills)):
-            completed = wait_for_step(job, run, target, started + timeout)
+            wait_for_step(job, run, target, started + timeout)
             time.sleep(chance.uniform(0, 0.4))
             pids = training_pids(job.pid)
             if len(pids) != nproc:
                 raise RuntimeError(f"chaos seed {seed}: expected {nproc} training processes, found {pids}")
-            run.kills.append(Kill(completed, newest_complete_step(run_dir)))
+            run.kills.append(Kill(current_attempt(run)[1], newest_complete_step(run_dir)))
             os.kill(chance.choice(pids), signal.SIGKILL)
         run.returncode = job.wait(timeout=max(started + timeout - time.monotonic(), 1))
     finally:
@@ -110,14 +114,23 @@ def run_chaos(nproc: int, overrides: list[str], run_dir: Path, kills: int, last_
     return run
 
 
-def wait_for_step(job: subprocess.Popen, run: ChaosRun, target: int, deadline: float) -> int:
+def current_attempt(run: ChaosRun) -> tuple[int, int]:
+    """How many attempts have started, and the last step the latest one has shown (0: none yet)."""
+    attempts, step = 0, 0
+    for line in list(run.stdout):
+        if line.startswith("kernels:"):  # the console's start-up block, once per attempt
+            attempts, step = attempts + 1, 0
+        elif m := STEP_LINE.match(line):
+            step = int(m.group(1))
+    return attempts, step
+
+
+def wait_for_step(job: subprocess.Popen, run: ChaosRun, target: int, deadline: float) -> None:
     """Wait until the attempt started after the last kill has shown ``target`` (or a later step)."""
     while True:
-        lines = list(run.stdout)
-        attempts = sum(line.startswith("kernels:") for line in lines)
-        steps = [int(m.group(1)) for line in lines for m in [STEP_LINE.match(line)] if m]
-        if attempts > len(run.kills) and steps and steps[-1] >= target:
-            return steps[-1]
+        attempts, step = current_attempt(run)
+        if attempts > len(run.kills) and step >= target:
+            return
         if job.poll() is not None or time.monotonic() > deadline:
             tail = "".join(run.stderr[-20:])
             raise RuntimeError(f"chaos seed {run.seed}: the job stopped making progress before step {target}:\n{tail}")

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch.distributed as dist
 
 from megolmo.benchmarks.chaos import run_chaos
@@ -29,7 +30,7 @@ def _config(tokens: str, run_dir: Path, layers: int):
     from megolmo.config import load_config
 
     return load_config([
-        "model=olmo2_1b", f"model.num_hidden_layers={layers}", f"data.paths=[{tokens}]", "data.dtype=uint16",
+        "model=olmo2_1b", f"model.num_hidden_layers={layers}", f"data.paths=[{tokens}]", "data.dtype=uint32",
         "data.seq_len=64", "trainer.max_steps=10", "trainer.global_batch_size=1", "trainer.micro_batch_size=1",
         f"parallel.tensor={os.environ.get('WORLD_SIZE', '1')}", f"trainer.run_dir={run_dir}", "trainer.keep_last=1",
         "parallel.timeout_s=900"])
@@ -81,7 +82,7 @@ def chaos_rows(tmp: Path, kills: int) -> None:
     started = time.monotonic()
     run_training(4, overrides, tmp / "uninterrupted")
     straight = time.monotonic() - started
-    chaos = run_chaos(4, overrides, tmp / "chaos", kills, 25)
+    chaos = run_chaos(4, overrides, tmp / "chaos", kills, 22)
     if chaos.returncode != 0:
         raise RuntimeError(f"the chaos run failed (seed {chaos.seed}):\n{''.join(chaos.stderr[-20:])}")
     redone = [kill.completed - step for kill, (step, _) in zip(chaos.kills, chaos.resumes)]
@@ -100,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("MEGOLMO_BENCH_DIR")) as tmp_name:
         tmp = Path(tmp_name)
-        tokens = write_benchmark_tokens(tmp / "tokens.npy", 100_000, 32000)
+        tokens = str(tmp / "tokens.npy")  # uint32: OLMo 2's EOS id does not fit uint16
+        np.random.default_rng(0).integers(0, 100_000, 100_000, dtype=np.uint32).tofile(tokens)
         print(f"state: OLMo 2 1B's width and vocabulary, {args.layers} of 16 blocks; fp32 weights + Adam moments")
         print(f"{'ranks':>5} {'GB':>6} {'sync blocks s':>14} {'async blocks s':>15} {'async/sync':>11} "
               f"{'1st async s':>12} {'async writes s':>15} {'checksum s':>11} {'checksum/save':>14}")
-        for ranks in [int(r) for r in args.ranks.split(",")]:
+        for ranks in [int(r) for r in args.ranks.split(",") if r]:
             out = tmp / f"result{ranks}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
                    str(free_port()), "-m", "megolmo.benchmarks.checkpoint_faults", "--worker", tokens,
