@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "xxhash>=3",  # checkpoint checksums
         "matplotlib",
+        "scipy",  # the ladder fit (L-BFGS-B)
     ],
     extras_require={
         "hf": ["transformers>=4.48"],

@@ -1,0 +1,111 @@
+"""The ladder's runs: every size at every duration, with OLMo's ladder rules for batch, LR and warm-up, as
+megolmo overrides, and their compute beside the target's.
+
+Rules (N from ``sizes.ladder_params``, D = 20 N k tokens for k x Chinchilla): batch
+``round(160 (N / 108e6)^(2/3))`` sequences of 2048 (halved in sequences at 4096, the same tokens); peak LR
+``0.0047 (N / 108e6)^(-1/3)`` (divided by 4 at 4096); warm-up over N tokens; cosine to 0.1 x the peak.
+OLMo's published runs round the batch further (the 190M's is 128 x 4096 where the rule gives 117): megolmo
+follows the rule as written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megolmo.errors import MegolmoConfigError
+from megolmo.evaluation.assets import DEFAULT_CACHE
+from megolmo.ladder.sizes import LADDER_SHAPES, ladder_config, ladder_params
+from megolmo.ladder.tasks import eval_labels
+
+MULTIPLIERS = (0.5, 1.0, 2.0, 5.0, 10.0)
+SEQ_LENS = (2048, 4096)
+EVALS_PER_RUN = 40  # the step-2 fit needs intermediate evaluations: ~36 after the first 10% are dropped
+DEFAULT_TOKENIZER = str(DEFAULT_CACHE / "allenai_dolma2.json")  # where `python -m megolmo.evaluation.assets` puts it
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    size: str
+    multiplier: float  # k: the run trains on k x Chinchilla (20 N) tokens
+    n: int
+    seq_len: int
+    batch: int  # sequences per optimizer step
+    lr: float
+    warmup_steps: int
+    max_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}-{self.multiplier:g}xC"
+
+    @property
+    def tokens(self) -> int:
+        return self.max_steps * self.batch * self.seq_len
+
+    @property
+    def flops(self) -> float:
+        """6 N D, with the ladder's N and the tokens the run trains on."""
+        return 6.0 * self.n * self.tokens
+
+    def overrides(self, tokenizer: str = DEFAULT_TOKENIZER) -> list[str]:
+        """The run as ``megolmo.train`` overrides (data, layout and run directory are the launcher's)."""
+        cfg = ladder_config(self.size)
+        return [
+            "model=olmo2_1b", f"model.name={cfg.name}", f"model.hidden_size={cfg.hidden_size}",
+            f"model.intermediate_size={cfg.intermediate_size}", f"model.num_hidden_layers={cfg.num_hidden_layers}",
+            f"model.num_attention_heads={cfg.num_attention_heads}",
+            f"model.num_key_value_heads={cfg.num_key_value_heads}",
+            f"data.seq_len={self.seq_len}", f"trainer.global_batch_size={self.batch}",
+            f"trainer.max_steps={self.max_steps}", f"optim.lr={self.lr:.6g}", f"optim.warmup_steps={self.warmup_steps}",
+            "optim.schedule=cosine", "optim.final_lr_ratio=0.1",
+            f"eval.interval={max(1, self.max_steps // EVALS_PER_RUN)}", f"eval.tokenizer={tokenizer}",
+            f"eval.downstream.tasks=[{','.join(eval_labels())}]",
+        ]
+
+
+def batch_size(n: int, seq_len: int) -> int:
+    return round(160 * (n / 108e6) ** (2 / 3) * 2048 / seq_len)
+
+
+def learning_rate(n: int, seq_len: int) -> float:
+    return 0.0047 * (n / 108e6) ** (-1 / 3) / (4 if seq_len == 4096 else 1)
+
+
+def plan_run(size: str, multiplier: float, seq_len: int) -> PlannedRun:
+    if seq_len not in SEQ_LENS:
+        raise MegolmoConfigError(f"seq_len={seq_len}: the ladder's rules are set for {' or '.join(map(str, SEQ_LENS))}")
+    if multiplier <= 0:
+        raise MegolmoConfigError(f"duration {multiplier:g} x Chinchilla: must be > 0")
+    n = ladder_params(ladder_config(size))
+    batch = batch_size(n, seq_len)
+    tokens_per_step = batch * seq_len
+    return PlannedRun(size, multiplier, n, seq_len, batch, learning_rate(n, seq_len),
+                      warmup_steps=max(1, round(n / tokens_per_step)),
+                      max_steps=math.ceil(20 * n * multiplier / tokens_per_step))
+
+
+def plan(sizes: list[str] | None = None, multipliers: list[float] | None = None,
+         seq_len: int = 4096) -> list[PlannedRun]:
+    return [plan_run(size, k, seq_len) for size in (sizes or list(LADDER_SHAPES)) for k in (multipliers or MULTIPLIERS)]
+
+
+def plan_table(runs: list[PlannedRun], target_n: int, target_tokens: int, target_name: str) -> str:
+    """The runs with their compute, each and in all, as a fraction of the target's 6 N D."""
+    target_flops = 6.0 * target_n * target_tokens
+    lines = [f"{'run':<12}{'N':>15}{'tokens':>10}{'batch':>12}{'lr':>10}{'warmup':>8}{'steps':>9}"
+             f"{'FLOPs':>11}{'of target':>11}"]
+    for r in runs:
+        lines.append(f"{r.name:<12}{r.n:>15,}{_short(r.tokens):>10}{f'{r.batch} x {r.seq_len}':>12}{r.lr:>10.3g}"
+                     f"{r.warmup_steps:>8}{r.max_steps:>9}{r.flops:>11.3g}{r.flops / target_flops:>11.3%}")
+    total = sum(r.flops for r in runs)
+    lines.append(f"ladder: {len(runs)} runs, {total:.3g} FLOPs = {total / target_flops:.2%} of the target "
+                 f"({target_name}: 6 N D = 6 x {target_n:,} x {_short(target_tokens)} = {target_flops:.3g} FLOPs)")
+    return "\n".join(lines)
+
+
+def _short(count: float) -> str:
+    """1.9B, 4T: a token count at a glance."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:,.0f}"
