@@ -40,13 +40,21 @@ class RunDirectory:
             os.replace(tmp, self.path / "summary.json")
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Drop metrics of steps after ``last_step``: a resumed run recomputes them."""
+        """Drop metrics of steps after ``last_step``: a resumed run recomputes them. A line torn by a kill in the
+        middle of its write goes too."""
         path = self.path / "metrics.jsonl"
         if self.is_writer and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+            kept = [line for line in path.read_text().splitlines() if complete_row_up_to(line, last_step)]
             path.write_text("".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.is_writer:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def complete_row_up_to(line: str, last_step: int) -> bool:
+    try:
+        return json.loads(line)["step"] <= last_step
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False

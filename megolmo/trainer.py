@@ -193,11 +193,17 @@ class Trainer:
         return self.step_fn.optimizer
 
     def restore(self) -> tuple[int, Path | None]:
+        """Where this job starts; the metrics of later steps (an earlier attempt's, killed before it saved them
+        in a checkpoint) are dropped, since the job recomputes them."""
+        start, source = self.load_start_point()
+        self.run_dir.truncate_metrics(start)
+        return start, source
+
+    def load_start_point(self) -> tuple[int, Path | None]:
         """Resume from this run's latest checkpoint if there is one, else start from ``load_path`` if given."""
         latest = self.checkpoints.latest()
         if latest is not None:
             loaded = CheckpointManager.load(latest, self.optimizer, weights_only=False, chunks=self.chunks)
-            self.run_dir.truncate_metrics(loaded.step)  # a resumed run recomputes the later steps
             self.resume_loop(loaded)
             return loaded.step, latest
         if self.load_path is not None:

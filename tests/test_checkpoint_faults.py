@@ -19,6 +19,7 @@ from megolmo.benchmarks.chaos import run_chaos
 from megolmo.checkpoint.manager import REPLACED_PREFIX, TMP_PREFIX, CheckpointManager
 from megolmo.checkpoint.manifest import MANIFEST, TRAINER_STATE, file_checksum, manifest_entries
 from megolmo.checkpoint.rng import capture_rng_state, restore_rng_state
+from megolmo.run_dir import RunDirectory
 from tests.checkpoint_contents import assert_same_contents
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point, run_worker
@@ -210,3 +211,14 @@ def test_chaos_random_kills_end_bit_identical(tmp_path, tokens):
     assert losses(run) == losses(reference), seed
     assert_same_contents(checkpoints(run)[-1], checkpoints(reference)[-1])
     assert not any(p.name.startswith((TMP_PREFIX, REPLACED_PREFIX)) for p in (run / "checkpoints").iterdir())
+
+
+def test_metrics_of_a_killed_attempt_are_cut_back_torn_line_included(tmp_path):
+    """A kill in the middle of a metrics write leaves a torn last line; the next attempt drops it with the rest."""
+    run_dir = RunDirectory(tmp_path, is_writer=True)
+    for step in (1, 2, 3):
+        run_dir.append_metrics({"step": step, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    run_dir.truncate_metrics(2)
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
