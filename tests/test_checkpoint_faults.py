@@ -222,3 +222,23 @@ def test_metrics_of_a_killed_attempt_are_cut_back_torn_line_included(tmp_path):
         f.write('{"step": 4, "lo')
     run_dir.truncate_metrics(2)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/gpu_validate.sh tests runs it)")
+def test_gpu_asynchronous_save_stages_pinned_and_restores_the_cuda_generator(tmp_path, tokens):
+    """On a GPU: the host copy is pinned, the checkpoint equals a synchronous one, and the CUDA generator of the
+    rank's device comes back on resume."""
+    from megolmo.config import load_config
+    from megolmo.trainer import Trainer
+
+    trainer = Trainer(load_config(overrides(tmp_path / "gpu", tokens, 4, "parallel.distributed_optimizer=false")))
+    trainer.fit()
+    trainer.save(5, asynchronous=True)
+    trainer.checkpoints.wait()
+    staged = trainer.checkpoints._staging.copies
+    assert all(t.is_pinned() for shards in staged.values() for t in shards)
+    expected = torch.cuda.get_rng_state(trainer.ps.device)
+    torch.cuda.manual_seed(12345)
+    resumed = Trainer(load_config(overrides(tmp_path / "gpu", tokens, 6, "parallel.distributed_optimizer=false")))
+    assert resumed.start_step == 5
+    assert torch.equal(torch.cuda.get_rng_state(resumed.ps.device), expected)

@@ -34,7 +34,7 @@ print('torchao_float8:', a.torchao_float8_unavailable() or 'available')
 print('fp8 tensor cores:', a.fp8_tensor_cores_unavailable(torch.device('cuda')) or 'available')"
     } 2>&1 | tee "$out/env.txt"
     python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_float8.py \
-      tests/test_trainer.py -k "gpu or float8 or compiled" 2>&1 | tee "$out/gpu_tests.log" ;;
+      tests/test_trainer.py tests/test_checkpoint_faults.py -k "gpu or float8 or compiled" 2>&1 | tee "$out/gpu_tests.log" ;;
   bench)
     "${bench[@]}" --precisions bf16,fp8 --fp8-recipe current --activation-checkpointing off,on --peers megolmo \
       --json "$out/bench_eager.json" 2>&1 | tee "$out/bench_eager.txt" ;;
