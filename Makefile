@@ -11,7 +11,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_RANKS ?= 8
 DEMO_PORT  ?= 29517
 
-.PHONY: venv demo recipe-demo test bench gpu-wheels slurm-packages clean
+.PHONY: venv demo recipe-demo ladder-demo test bench gpu-wheels slurm-packages clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ demo: venv
 # their soup (evaluated beside them), SFT on data/demo_chat.jsonl, export to Hugging Face, a chat reply.
 recipe-demo: venv
 	OMP_NUM_THREADS=1 $(PY) tools/recipe_demo.py --output runs/recipe-demo
+
+# A task-scaling ladder in miniature: 3 tiny sizes x 3 durations through `python -m megolmo.ladder run`, step 1
+# fitted on held-out loss, predicting a larger held-out model's; its table, plots in runs/ladder-demo/plots.
+ladder-demo: venv
+	OMP_NUM_THREADS=1 $(PY) -m megolmo.ladder.miniature --output runs/ladder-demo
 
 test: venv slurm-packages
 	$(PY) -m megolmo.evaluation.assets >/dev/null  # the dolma2 tokenizer, fetched once into ~/.cache/megolmo

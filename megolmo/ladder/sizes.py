@@ -8,6 +8,7 @@ reproduces OLMo's published ladder counts (190,354,176 ... 3,169,537,280) and it
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
 from megolmo.errors import MegolmoConfigError
 from megolmo.model.config import ModelConfig
@@ -27,15 +28,29 @@ TARGETS = {"1B": "olmo2_1b", "7B": "olmo2_7b", "13B": "olmo2_13b", "32B": "olmo2
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 
-def ladder_config(size: str) -> ModelConfig:
-    """One ladder size in OLMo 2's architecture (the 1B's other settings: dolma2 ids, RoPE, eps)."""
+def ladder_shape(size: str) -> dict[str, int]:
+    """One ladder size's fields over OLMo 2 1B (its other settings: dolma2 ids, RoPE, eps)."""
     if size not in LADDER_SHAPES:
         raise MegolmoConfigError(f"ladder size {size!r}: unknown (sizes: {', '.join(LADDER_SHAPES)})")
-    d_model, heads, layers = LADDER_SHAPES[size]
-    base = ModelConfig.named("olmo2_1b").to_dict()
-    return ModelConfig.from_mapping({**base, "name": f"ladder_{size}", "hidden_size": d_model,
-                                     "intermediate_size": 4 * d_model, "num_hidden_layers": layers,
-                                     "num_attention_heads": heads, "num_key_value_heads": heads})
+    return dict(zip(("hidden_size", "num_attention_heads", "num_hidden_layers"), LADDER_SHAPES[size]))
+
+
+def ladder_config(size: str) -> ModelConfig:
+    return shape_config(size, ladder_shape(size))
+
+
+def shape_config(name: str, shape: Mapping[str, Any], base: str = "olmo2_1b") -> ModelConfig:
+    """A ladder size given by its model fields over a named base (``conf/model/<base>.yaml``), with the
+    ladder's rules where the shape is silent: SwiGLU hidden 4 x d_model, as many key/value heads as heads."""
+    fields = {**ModelConfig.named(base).to_dict(), "name": f"ladder_{name}", **shape}
+    if "intermediate_size" not in shape:
+        fields["intermediate_size"] = 4 * fields["hidden_size"]
+    if "num_key_value_heads" not in shape:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    try:
+        return ModelConfig.from_mapping(fields)
+    except MegolmoConfigError as error:
+        raise MegolmoConfigError(f"ladder size {name!r}: {error}") from None
 
 
 def ladder_params(cfg: ModelConfig) -> int:
