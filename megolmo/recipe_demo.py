@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megolmo.benchmarks.launch import free_port
+from megolmo.benchmarks.launch import free_port, run_logged
 from megolmo.data.demo_corpus import generate_documents
 from megolmo.evaluation.assets import dolma2_tokenizer
 from megolmo.stage2_soup import table
@@ -31,20 +29,11 @@ LAYOUTS = {1: [], 8: ["parallel=demo3d"]}
 QUESTION = "What is the capital of France?"
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """One command, its output kept in ``log``; a failure shows the log's tail."""
-    with open(log, "w") as out:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-
-
 def train(ranks: int, overrides: list[str], log: Path) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
                  str(free_port())] if ranks > 1 else [sys.executable])
-    run([*launcher, "-m", "megolmo.train", *MODEL, *SHAPE, *LAYOUTS[ranks], "trainer.plots=false",
-         "trainer.log_interval=10", *overrides], log)
+    run_logged([*launcher, "-m", "megolmo.train", *MODEL, *SHAPE, *LAYOUTS[ranks], "trainer.plots=false",
+                "trainer.log_interval=10", *overrides], log)
 
 
 def corpus(out: Path, name: str, documents: int, seed: int, tokenizer: Path) -> Path:
@@ -54,8 +43,8 @@ def corpus(out: Path, name: str, documents: int, seed: int, tokenizer: Path) -> 
     with open(directory / "docs.jsonl", "w") as f:
         for text in generate_documents(documents, seed):
             f.write(json.dumps({"text": text}) + "\n")
-    run([sys.executable, "tools/prepare_data.py", "--tokenizer", str(tokenizer), "--output", str(directory),
-         "--workers", "1", str(directory / "docs.jsonl")], out / f"prepare-{name}.log")
+    run_logged([sys.executable, "tools/prepare_data.py", "--tokenizer", str(tokenizer), "--output", str(directory),
+                "--workers", "1", str(directory / "docs.jsonl")], out / f"prepare-{name}.log")
     return directory / "tokens.npy"
 
 
@@ -95,19 +84,20 @@ def main(argv: list[str] | None = None) -> int:
                            "optim.schedule=linear", "optim.warmup_steps=0", f"data.paths=[{stage2_data}]",
                            f"data.seed={k}", f"trainer.max_steps={s2}", "trainer.stage=2", f"trainer.ingredient={k}",
                            f"trainer.run_dir={ingredients[-1]}"], out / f"stage2-ingredient{k}.log")
-    run([sys.executable, "tools/stage2_soup.py", *map(str, ingredients), "--output", str(out / "soup"),
-         "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *SHAPE], out / "soup.log")
+    run_logged([sys.executable, "tools/stage2_soup.py", *map(str, ingredients), "--output", str(out / "soup"),
+                "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *SHAPE], out / "soup.log")
     soup = next(p for p in (out / "soup").iterdir() if p.name.startswith("stage2-soup") and not p.name.endswith("-hf"))
     sft_data = out / "data" / "sft"
-    run([sys.executable, "tools/prepare_sft.py", "--tokenizer", str(tokenizer), "--output", str(sft_data),
-         "--seq-len", "64", str(CHAT_SET)], out / "prepare-sft.log")
+    run_logged([sys.executable, "tools/prepare_sft.py", "--tokenizer", str(tokenizer), "--output", str(sft_data),
+                "--seq-len", "64", str(CHAT_SET)], out / "prepare-sft.log")
     train(args.ranks, [f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
                        f"data.paths=[{sft_data / 'input_ids.npy'}]", f"data.label_mask_paths=[{sft_data / 'label_mask.npy'}]",
                        "optim.lr=1e-3", "optim.schedule=linear", f"optim.warmup_steps={min(4, s3 // 4)}", f"trainer.max_steps={s3}",
                        f"trainer.run_dir={out / 'sft'}"], out / "sft.log")
     hf_dir = out / "sft-hf"
-    run([sys.executable, "tools/convert_checkpoint.py", "megolmo-to-hf", str(out / "sft" / "checkpoints" / "latest"),
-         str(hf_dir), "--tokenizer", str(tokenizer), "--chat-template", "olmo2"], out / "export.log")
+    sft_checkpoint = out / "sft" / "checkpoints" / "latest"
+    run_logged([sys.executable, "tools/convert_checkpoint.py", "megolmo-to-hf", str(sft_checkpoint), str(hf_dir),
+                "--tokenizer", str(tokenizer), "--chat-template", "olmo2"], out / "export.log")
     reply, new_tokens = chat(hf_dir)
     print(table(json.loads((out / "soup" / "evaluation.json").read_text())))
     print(f"user: {QUESTION}\nassistant ({hf_dir}, {new_tokens} new tokens): {reply}")

@@ -47,3 +47,13 @@ def write_benchmark_tokens(path: Path, n_tokens: int, vocab: int) -> str:
 
     np.random.default_rng(0).integers(0, vocab, n_tokens, dtype=np.uint32).astype(np.uint16).tofile(path)
     return str(path)
+
+
+def run_logged(cmd: list[str], log: Path, append: bool = False) -> None:
+    """One command from the repository root, one thread per process, its output kept in ``log``; a failure
+    ends the demo with the command and the log's tail."""
+    with open(log, "a" if append else "w") as out:
+        result = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from megolmo.benchmarks.launch import run_logged
 from megolmo.ladder.inputs import read_input
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,20 +60,11 @@ def shapes(sizes: dict[str, int]) -> str:
                               "num_hidden_layers": 2, "vocab_size": VOCAB} for name, hidden in sizes.items()})
 
 
-def command(cmd: list[str], log: Path) -> None:
-    """One command, its output kept in ``log``; a failure shows the log's tail."""
-    with open(log, "a") as out:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-
-
 def ladder_run(out: Path, root: Path, sizes: dict[str, int], multipliers: tuple[float, ...], data: list[str]) -> None:
-    command([sys.executable, "-m", "megolmo.ladder", "run", "--shapes", shapes(sizes), "--base-model", "tiny",
-             "--multipliers", ",".join(f"{k:g}" for k in multipliers), "--seq-len", str(SEQ_LEN), "--batch",
-             str(BATCH), "--lr", str(LR), "--evals", str(EVALS), "--no-downstream", "--root", str(root),
-             "--launcher", "local", "--nproc-per-node", "1", "--", *data], out / "run.log")
+    run_logged([sys.executable, "-m", "megolmo.ladder", "run", "--shapes", shapes(sizes), "--base-model", "tiny",
+                "--multipliers", ",".join(f"{k:g}" for k in multipliers), "--seq-len", str(SEQ_LEN), "--batch",
+                str(BATCH), "--lr", str(LR), "--evals", str(EVALS), "--no-downstream", "--root", str(root),
+                "--launcher", "local", "--nproc-per-node", "1", "--", *data], out / "run.log", append=True)
 
 
 def table(runs: list, fit: dict) -> str:
@@ -109,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out model trained ({time.perf_counter() - started:.0f} s)", flush=True)
     run_dirs = sorted(p for p in (out / "ladder").iterdir() if p.is_dir())
     holdout_dir = out / "holdout" / f"{name}-{multiplier:g}xC"
-    command([sys.executable, "-m", "megolmo.ladder", "fit", *map(str, run_dirs), "--holdout", str(holdout_dir),
-             "--output", str(out / "fit.json"), "--plots", str(out / "plots")], out / "fit.log")
+    run_logged([sys.executable, "-m", "megolmo.ladder", "fit", *map(str, run_dirs), "--holdout", str(holdout_dir),
+                "--output", str(out / "fit.json"), "--plots", str(out / "plots")], out / "fit.log", append=True)
     print(table([read_input(p) for p in run_dirs], json.loads((out / "fit.json").read_text())))
     for plot in sorted((out / "plots").glob("*.png")):
         print(plot)
