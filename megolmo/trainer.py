@@ -286,8 +286,6 @@ class Trainer:
         self.schedule_step += result.applied
         if self.nonfinite.count(result.nonfinite):  # the same count on every rank: all raise the same error
             raise self.nonfinite.diverged(step + 1, self.step_fn.nonfinite_gradients())
-        if result.nonfinite:
-            self.log(self.nonfinite.skipped_line(step + 1))
         step_time = time.perf_counter() - started
         tokens_per_sec = self.tokens_per_step / step_time
         mfu = tokens_per_sec * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None

@@ -15,7 +15,8 @@ from megolmo.ladder.__main__ import main
 from megolmo.ladder.fit import fit_ladder, fit_step1, step1_loss, step2_accuracy, step2_points
 from megolmo.ladder.inputs import LadderRun, read_input
 from megolmo.ladder.plan import plan, plan_run
-from megolmo.ladder.sizes import LADDER_SHAPES, ladder_config, ladder_params, parse_count, target_config
+from megolmo.ladder.sizes import LADDER_SHAPES, ladder_config, ladder_params, target_config
+from megolmo.units import parse_count
 from megolmo.ladder.tasks import TASKS, eval_labels
 from tests.helpers import ROOT
 

@@ -9,6 +9,7 @@ kill the newest complete checkpoint is noted, to compare with the one the next a
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -69,8 +70,6 @@ def training_pids(agent: int) -> list[int]:
 
 
 def newest_complete_step(run_dir: Path) -> int:
-    import json
-
     latest = CheckpointManager(run_dir, keep_last=1).latest()
     try:
         return json.loads((latest / TRAINER_STATE).read_text())["step"] if latest else 0

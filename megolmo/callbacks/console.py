@@ -33,6 +33,8 @@ class ConsoleLog(Callback):
         self._started = time.perf_counter()
 
     def on_step_end(self, trainer, record: StepRecord) -> None:
+        if record.extra.get("nonfinite_step"):
+            trainer.log(trainer.nonfinite.skipped_line(record.step))
         if record.extra.get("skipped_step"):
             trainer.log(f"step {record.step}: update skipped by the skip-step guard (loss {record.loss:.4f}, "
                         f"gnorm {record.grad_norm:.3f}); the schedule stays at lr {record.lr:.2e}")

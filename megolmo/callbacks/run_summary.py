@@ -9,6 +9,7 @@ import statistics
 from megolmo.callbacks.base import Callback
 from megolmo.model.params import count_parameters
 from megolmo.parallel.collectives import all_gather_objects, all_reduce_values
+from megolmo.units import short_count
 
 
 class RunSummary(Callback):
@@ -66,12 +67,12 @@ def startup_lines(summary: dict) -> list[str]:
     layout, params, data = summary["layout"], summary["parameters"], summary["data"]
     nodes = "; ".join(f"{host}: ranks {_ranges(ranks)}" for host, ranks in summary["nodes"].items())
     sp = ", sequence parallel" if layout["sequence_parallel"] else ""
-    b = summary["bytes_per_rank_max"]
+    b, count = summary["bytes_per_rank_max"], short_count
     return [f"layout: {layout['world_size']} ranks = tensor {layout['tensor']} x pipeline {layout['pipeline']} x "
             f"data {layout['data']}{sp}; {len(summary['nodes'])} node(s): {nodes}",
-            f"parameters: {_count(params['total'])} in all, {_count(params['per_rank'])} on rank 0; per rank at most "
+            f"parameters: {count(params['total'])} in all, {count(params['per_rank'])} on rank 0; per rank at most "
             f"{_gb(b['params'])} weights, {_gb(b['grads'])} gradients, {_gb(b['optimizer_state'])} optimizer state",
-            f"data: {_count(data['tokens'])} tokens in {data['files']} file(s), {data['instances_per_epoch']:,} instances "
+            f"data: {count(data['tokens'])} tokens in {data['files']} file(s), {data['instances_per_epoch']:,} instances "
             f"of {data['seq_len']}; {data['tokens_per_step']:,} tokens per step; the run takes "
             f"{data['epochs']:.3g} epoch(s)"]
 
@@ -84,13 +85,6 @@ def _ranges(ranks: list[int]) -> str:
             spans.append(f"{start}-{previous}" if previous > start else str(start))
             start = rank
     return ",".join(spans)
-
-
-def _count(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 def _gb(n: int) -> str:

@@ -16,7 +16,8 @@ from megolmo.ladder.plan import BASE_MODEL, DEFAULT_TOKENIZER, EVALS_PER_RUN, MU
     plan_table
 from megolmo.ladder.plots import write_plots
 from megolmo.ladder.run import LAUNCHERS, Launcher, run_ladder
-from megolmo.ladder.sizes import LADDER_SHAPES, TARGETS, ladder_params, ladder_shape, parse_count, target_config
+from megolmo.ladder.sizes import LADDER_SHAPES, TARGETS, ladder_params, ladder_shape, target_config
+from megolmo.units import parse_count
 
 
 def _target(args: argparse.Namespace) -> tuple[int, str]:

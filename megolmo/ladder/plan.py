@@ -21,6 +21,7 @@ from megolmo.evaluation.assets import DEFAULT_CACHE
 from megolmo.ladder.sizes import LADDER_SHAPES, ladder_params, ladder_shape, shape_config
 from megolmo.ladder.tasks import eval_labels
 from megolmo.model.config import ModelConfig
+from megolmo.units import short_count
 
 MULTIPLIERS = (0.5, 1.0, 2.0, 5.0, 10.0)
 SEQ_LENS = (2048, 4096)
@@ -140,17 +141,9 @@ def plan_table(runs: list[PlannedRun], target_n: int, target_tokens: int, target
     lines = [f"{'run':<12}{'N':>15}{'tokens':>10}{'batch':>12}{'lr':>10}{'warmup':>8}{'steps':>9}"
              f"{'FLOPs':>11}{'of target':>11}"]
     for r in runs:
-        lines.append(f"{r.name:<12}{r.n:>15,}{_short(r.tokens):>10}{f'{r.batch} x {r.seq_len}':>12}{r.lr:>10.3g}"
+        lines.append(f"{r.name:<12}{r.n:>15,}{short_count(r.tokens):>10}{f'{r.batch} x {r.seq_len}':>12}{r.lr:>10.3g}"
                      f"{r.warmup_steps:>8}{r.max_steps:>9}{r.flops:>11.3g}{r.flops / target_flops:>11.3%}")
     total = sum(r.flops for r in runs)
     lines.append(f"ladder: {len(runs)} runs, {total:.3g} FLOPs = {total / target_flops:.2%} of the target "
-                 f"({target_name}: 6 N D = 6 x {target_n:,} x {_short(target_tokens)} = {target_flops:.3g} FLOPs)")
+                 f"({target_name}: 6 N D = 6 x {target_n:,} x {short_count(target_tokens)} = {target_flops:.3g} FLOPs)")
     return "\n".join(lines)
-
-
-def _short(count: float) -> str:
-    """1.9B, 4T: a token count at a glance."""
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
-        if count >= scale:
-            return f"{count / scale:.3g}{suffix}"
-    return f"{count:,.0f}"

@@ -7,7 +7,6 @@ reproduces OLMo's published ladder counts (190,354,176 ... 3,169,537,280) and it
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 from megolmo.errors import MegolmoConfigError
@@ -25,7 +24,6 @@ LADDER_SHAPES = {
 }
 # Named targets: OLMo 2's released architectures (conf/model/).
 TARGETS = {"1B": "olmo2_1b", "7B": "olmo2_7b", "13B": "olmo2_13b", "32B": "olmo2_32b"}
-SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 
 def ladder_shape(size: str) -> dict[str, int]:
@@ -63,10 +61,3 @@ def target_config(name: str) -> ModelConfig:
         raise MegolmoConfigError(f"target {name!r}: unknown (targets: {', '.join(TARGETS)}; or give --n)")
     return ModelConfig.named(TARGETS[name])
 
-
-def parse_count(text: str) -> int:
-    """``4T``, ``100B``, ``190M``, ``1.5e9`` or a plain integer, for token and parameter counts."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBT]?)\s*", text.upper())
-    if not match:
-        raise MegolmoConfigError(f"{text!r}: not a count (e.g. 4T, 100B, 190M, 1000000)")
-    return round(float(match[1]) * SUFFIXES.get(match[2], 1))
