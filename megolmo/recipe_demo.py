@@ -23,16 +23,17 @@ from megolmo.stage2_soup import table
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_SET = ROOT / "data" / "demo_chat.jsonl"
 MODEL = ["model=tiny", "model.vocab_size=100352", "model.eos_token_id=100257", "model.pad_token_id=100277"]
-SHAPE = ["data.seq_len=64", "trainer.global_batch_size=16", "trainer.micro_batch_size=2"]
+def shape(batch: int) -> list[str]:
+    return ["data.seq_len=64", f"trainer.global_batch_size={batch}", "trainer.micro_batch_size=2"]
 DOCUMENTS = {"stage1": 3000, "stage2": 1500, "held-out": 300}
 LAYOUTS = {1: [], 8: ["parallel=demo3d"]}
 QUESTION = "What is the capital of France?"
 
 
-def train(ranks: int, overrides: list[str], log: Path) -> None:
+def train(ranks: int, batch: int, overrides: list[str], log: Path) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
                  str(free_port())] if ranks > 1 else [sys.executable])
-    run_logged([*launcher, "-m", "megolmo.train", *MODEL, *SHAPE, *LAYOUTS[ranks], "trainer.plots=false",
+    run_logged([*launcher, "-m", "megolmo.train", *MODEL, *shape(batch), *LAYOUTS[ranks], "trainer.plots=false",
                 "trainer.log_interval=10", *overrides], log)
 
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "recipe-demo")
     parser.add_argument("--ranks", type=int, choices=sorted(LAYOUTS), default=8)
     parser.add_argument("--steps", type=int, nargs=3, default=[75, 15, 25], metavar=("STAGE1", "STAGE2", "SFT"))
-    parser.add_argument("--documents", type=float, default=1.0, help="scale the toy corpora (tests: 0.1)")
+    parser.add_argument("--documents", type=float, default=1.0, help="scale the toy corpora (tests: 0.05)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences of 64 tokens per step (tests: 4)")
     args = parser.parse_args(argv)
     started, out = time.perf_counter(), args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,22 +77,22 @@ def main(argv: list[str] | None = None) -> int:
                                       for seed, (name, count) in enumerate(DOCUMENTS.items()))
     stage1, (s1, s2, s3) = out / "stage1", args.steps
     evaluation = [f"eval.lm.sets={{held: [{held}]}}"]
-    train(args.ranks, [f"data.paths=[{stage1_data}]", f"trainer.max_steps={s1}", "optim.lr=3e-3",
+    train(args.ranks, args.batch, [f"data.paths=[{stage1_data}]", f"trainer.max_steps={s1}", "optim.lr=3e-3",
                        f"optim.warmup_steps={min(10, s1 // 4)}", f"trainer.run_dir={stage1}", *evaluation], out / "stage1.log")
     ingredients = []
     for k in (1, 2, 3):
         ingredients.append(out / f"stage2-ingredient{k}")
-        train(args.ranks, [f"load_path={stage1}", "reset_trainer_state=true", "optim.lr_from_load_path=true",
+        train(args.ranks, args.batch, [f"load_path={stage1}", "reset_trainer_state=true", "optim.lr_from_load_path=true",
                            "optim.schedule=linear", "optim.warmup_steps=0", f"data.paths=[{stage2_data}]",
                            f"data.seed={k}", f"trainer.max_steps={s2}", "trainer.stage=2", f"trainer.ingredient={k}",
                            f"trainer.run_dir={ingredients[-1]}"], out / f"stage2-ingredient{k}.log")
     run_logged([sys.executable, "tools/stage2_soup.py", *map(str, ingredients), "--output", str(out / "soup"),
-                "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *SHAPE], out / "soup.log")
+                "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *shape(args.batch)], out / "soup.log")
     soup = next(p for p in (out / "soup").iterdir() if p.name.startswith("stage2-soup") and not p.name.endswith("-hf"))
     sft_data = out / "data" / "sft"
     run_logged([sys.executable, "tools/prepare_sft.py", "--tokenizer", str(tokenizer), "--output", str(sft_data),
                 "--seq-len", "64", str(CHAT_SET)], out / "prepare-sft.log")
-    train(args.ranks, [f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
+    train(args.ranks, args.batch, [f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
                        f"data.paths=[{sft_data / 'input_ids.npy'}]", f"data.label_mask_paths=[{sft_data / 'label_mask.npy'}]",
                        "optim.lr=1e-3", "optim.schedule=linear", f"optim.warmup_steps={min(4, s3 // 4)}", f"trainer.max_steps={s3}",
                        f"trainer.run_dir={out / 'sft'}"], out / "sft.log")

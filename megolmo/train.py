@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 import traceback
 
 import torch.distributed
@@ -17,6 +18,12 @@ from megolmo.callbacks.base import CallbackError
 from megolmo.callbacks.stop_requests import PREEMPTED_EXIT_CODE
 from megolmo.errors import MegolmoConfigError, TrainingDivergedError
 from megolmo.launcher_report import report_failure
+
+# An error every rank raises is printed by rank 0 alone. Launchers stop every rank at the first exit
+# (srun --kill-on-bad-exit, torchrun, mpiexec), so the other ranks wait this long before theirs: a rank
+# that got there first would otherwise have rank 0 killed before it prints, leaving the job without its
+# one line of why (seen under load). Rank 0 exits at once; the launcher then ends the waiting ranks.
+REPORTER_LEAD_S = 10.0
 
 
 def run(overrides: list[str]) -> None:
@@ -47,6 +54,8 @@ def run(overrides: list[str]) -> None:
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
         report_failure(line)
+        if rank != 0:
+            time.sleep(REPORTER_LEAD_S)
         exit_code = 2 if isinstance(error, MegolmoConfigError) else 1
     except RendezvousError as error:  # each rank finds it out on its own: no peer to blame, none to wait for
         line = f"megolmo: rank {rank}: error: {error}"

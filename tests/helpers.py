@@ -1,9 +1,12 @@
 """Test helpers: run the real entry point in subprocesses."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +23,26 @@ def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
         return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
     return run_torchrun(["-m", "megolmo.train", *overrides], nproc, timeout, env)
+
+
+def run_jobs(cases: dict[str, tuple[int, list[str]]], timeout_per_job: float = 120) -> None:
+    """Each case's training job (``name: (ranks, overrides)``), the cases of one world size one after another
+    in one launch (``tests/workers/runs.py``); fails naming the case that failed."""
+    by_ranks: dict[int, list[tuple[str, list[str]]]] = defaultdict(list)
+    for name, (ranks, overrides) in cases.items():
+        by_ranks[ranks].append((name, ["trainer.plots=false", *overrides]))
+    for ranks, jobs in sorted(by_ranks.items()):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="jobs-", delete=False) as listing:
+            json.dump(jobs, listing)
+        timeout = timeout_per_job * len(jobs)
+        if ranks == 1:
+            result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "runs.py"), listing.name],
+                                    cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                                    capture_output=True, text=True, timeout=timeout)
+        else:
+            result = run_worker("runs", [listing.name], ranks, timeout)
+        os.unlink(listing.name)
+        assert result.returncode == 0, f"{ranks} ranks, {[name for name, _ in jobs]}: {result.stderr[-4000:]}"
 
 
 def run_worker(name: str, args: list[str], nproc: int, timeout: float = 240,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from beaker import BeakerDataSource, BeakerExperimentSpec, BeakerJobPriority
+from beaker import BeakerCancelationCode, BeakerDataSource, BeakerExperimentSpec, BeakerJob, BeakerJobPriority
 from beaker.config import Config
 
-from megolmo.launch.beaker import CONFIG_ENV, main, plan
+from megolmo.launch.beaker import CONFIG_ENV, main, next_job, plan
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port, run_entry_point
 from tests.test_trainer import tiny_overrides
@@ -27,7 +27,7 @@ EVERY_OPTION = [
     "--image", "beaker://me/megolmo", "--workspace", "ai2/olmo", "--budget", "ai2/oe-training", "--priority", "high",
     "--preemptible", "--env", "NCCL_DEBUG=WARN", "--secret", "WANDB_API_KEY=me_wandb", "--secret", "HF_TOKEN=me_hf",
     "--mount", "weka://bucket:/weka/bucket", "--mount", "beaker://me/tokens:/data/tokens", "--run-dir", RUN_DIR,
-    "--name", "olmo2-test", "--description", "a test run"]
+    "--name", "olmo2-test", "--description", "a test run", "--retries", "2"]
 TRAINING = ["data.paths=[/data/tokens/part-0.npy]", "parallel.tensor=4", "trainer.max_steps=10"]
 
 
@@ -66,6 +66,7 @@ def test_the_spec_of_a_two_node_job_round_trips_with_every_option(tmp_path):
         [("bucket", None, "/weka/bucket"), (None, "me/tokens", "/data/tokens")]
     assert (spec.budget, spec.description, submission.workspace, submission.name) == \
         ("ai2/oe-training", "a test run", "ai2/olmo", "olmo2-test")
+    assert spec.retry.allowed_task_retries == 2 == submission.retries
     stored = yaml.safe_load(env[CONFIG_ENV][0])
     assert stored["trainer"]["run_dir"] == RUN_DIR and stored["parallel"]["tensor"] == 4
     assert stored["trainer"]["max_steps"] == 10 and stored["data"]["paths"] == ["/data/tokens/part-0.npy"]
@@ -96,7 +97,7 @@ def test_a_bad_override_fails_in_one_line_before_any_spec():
     (["--run-dir", "/root/runs/x"], "--run-dir /root/runs/x"),
     (["--", "parallel.tensor=3"], "--nodes 2 x --gpus-per-node 8: world size 16 is not divisible"),
     (["--gpus-per-node", "3", "--", "parallel.tensor=2"], "parallel.tensor=2 does not divide --gpus-per-node 3"),
-    (["--", "trainer.run_dir=/x"], "trainer.run_dir")])
+    (["--", "trainer.run_dir=/x"], "trainer.run_dir"), (["--retries", "-1"], "argument --retries")])
 def test_a_bad_option_is_one_line_naming_it(capsys, bad, named):
     assert main([*EVERY_OPTION, *bad]) == 2
     out, err = capsys.readouterr()
@@ -147,6 +148,30 @@ def test_the_replica_command_as_two_replicas_matches_one_agent(tmp_path):
 
 
 HAS_TOKEN = bool(os.environ.get(Config.TOKEN_KEY)) or Config.find_config() is not None
+
+
+def ended_job(exit_code: int | None = None, canceled: BeakerCancelationCode | None = None) -> BeakerJob:
+    """A job as Beaker's API returns it once ended (beaker-py's own protobuf message)."""
+    job = BeakerJob(id="01JOB")
+    if exit_code is not None:
+        job.status.exited.FromSeconds(1)
+        job.status.exit_code = exit_code
+    if canceled is not None:
+        job.status.canceled.FromSeconds(1)
+        job.status.canceled_code = canceled
+    return job
+
+
+def test_follow_goes_on_across_preemptions_and_retries_and_ends_with_the_run():
+    preempted = ended_job(canceled=BeakerCancelationCode.system_preemption)
+    hung = ended_job(exit_code=1)  # the hang watchdog's exit
+    assert next_job(preempted, failures=5, retries=0) == \
+        "megolmo: the job was preempted; following the leader once Beaker resumes it"
+    assert next_job(hung, failures=0, retries=2) == "megolmo: the job failed (exit 1); following Beaker's retry 1 of 2"
+    assert next_job(hung, failures=1, retries=2) == "megolmo: the job failed (exit 1); following Beaker's retry 2 of 2"
+    assert next_job(hung, failures=2, retries=2) is None
+    assert next_job(ended_job(exit_code=0), failures=0, retries=2) is None
+    assert next_job(ended_job(canceled=BeakerCancelationCode.manual), failures=0, retries=2) is None
 
 
 @pytest.mark.skipif(not HAS_TOKEN, reason="no Beaker token (BEAKER_TOKEN or ~/.beaker/config.yml): creating an "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point
+from tests.helpers import ROOT, free_port, run_jobs
 
 STEPS = 6
 N_TOKENS = 40_000
@@ -61,14 +61,10 @@ def data(tmp_path_factory) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("dp")
-    done = {}
     plan = {"single": (1, False, []), "single-masked": (1, True, []), **LAYOUTS}
-    for name, (ranks, masked, extra) in plan.items():
-        result = run_entry_point(overrides(base / name, data["masked" if masked else "plain"] + data["eval"], *extra),
-                                 nproc=ranks, timeout=300)
-        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
-        done[name] = base / name
-    return done
+    run_jobs({name: (ranks, overrides(base / name, data["masked" if masked else "plain"] + data["eval"], *extra))
+              for name, (ranks, masked, extra) in plan.items()})
+    return {name: base / name for name in plan}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

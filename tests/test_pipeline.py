@@ -11,7 +11,7 @@ from megolmo.errors import MegolmoConfigError
 from megolmo.pipeline.layout import chunk_layer_ranges
 from megolmo.pipeline.schedules import check_schedule_layout, schedule_name
 from tests.conftest import write_mask, write_tokens
-from tests.helpers import run_entry_point, run_worker, torchrun_root_cause
+from tests.helpers import run_entry_point, run_jobs, run_worker, torchrun_root_cause
 
 STEPS = 6
 LAYOUTS = {  # name: (ranks, reference run, overrides)
@@ -56,12 +56,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
              for name, extra in REFERENCES.items()}
     for name, (ranks, reference, extra) in LAYOUTS.items():
         cases[name] = (ranks, cases[reference][1] + extra)
-    done = {}
-    for name, (ranks, extra) in cases.items():
-        result = run_entry_point(overrides(base / name, tokens, *extra), nproc=ranks, timeout=300)
-        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
-        done[name] = base / name
-    return done
+    run_jobs({name: (ranks, overrides(base / name, tokens, *extra)) for name, (ranks, extra) in cases.items()})
+    return {name: base / name for name in cases}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -20,8 +20,9 @@ from tests.helpers import ROOT
 def demo(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("recipe-demo")
     result = subprocess.run([sys.executable, "tools/recipe_demo.py", "--ranks", "1", "--steps", "4", "3", "3",
-                             "--documents", "0.05", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                             "--documents", "0.05", "--batch", "4", "--output", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return out, result.stdout
 

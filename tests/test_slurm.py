@@ -37,14 +37,26 @@ def overrides(tokens: str, *extra: str) -> list[str]:
             "trainer.max_steps=4", "optim.warmup_steps=1", "parallel.timeout_s=60", *extra]
 
 
+def job_env(cluster: SlurmCluster, run_dir: Path, **extra: str) -> dict[str, str]:
+    return {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port()), **extra}
+
+
 def sbatch(cluster: SlurmCluster, workdir: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, str]:
     """Submit the real script and wait for the job; returns sbatch's result and the job's output."""
     out = workdir / "job.out"
-    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "RUN_DIR": str(workdir / "run"), "MASTER_PORT": str(free_port())}
     proc = subprocess.run(["sbatch", "--wait", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                          cwd=ROOT, env=job_env(cluster, workdir / "run"), capture_output=True, text=True,
+                          timeout=240)
     return proc, out.read_text() if out.exists() else ""
+
+
+def submit(cluster: SlurmCluster, out: Path, args: list[str], env: dict[str, str]) -> str:
+    """Submit the real script without waiting (a requeued job outlives ``sbatch --wait``); its id."""
+    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
 
 
 def test_sbatch_trains_on_two_tasks_like_one_process(cluster, tmp_path):
@@ -78,13 +90,8 @@ def test_usr1_saves_requeues_and_resumes_bit_for_bit(cluster, tmp_path, split_by
     uninterrupted job does."""
     tokens, args, continued = split_by_time_limit
     out, run_dir = tmp_path / "job.out", tmp_path / "run"
-    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port())}
     submit_time = time.monotonic()
-    submitted = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={out}", "slurm/train.sbatch", *args],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
+    job_id = submit(cluster, out, args, job_env(cluster, run_dir))
     deadline = time.monotonic() + 180
     metrics = run_dir / "metrics.jsonl"
     first_step = None
@@ -131,3 +138,30 @@ def split_by_time_limit(cluster, tmp_path_factory) -> tuple[str, list[str], list
 
 def test_an_expired_time_limit_ends_the_job_with_a_checkpoint_and_the_next_job_continues(split_by_time_limit):
     assert len(split_by_time_limit[2]) == 40  # the checks are the fixture's, shared with the preemption test
+
+
+def test_a_hang_requeues_the_job_until_it_hangs_again_with_no_new_checkpoint(cluster, tmp_path):
+    """Rank 1 sleeps in step 3 (checkpoint at 2): the watchdog ends the tasks and the job is requeued; the
+    requeued job resumes at step 2 and hangs in step 3 again, with nothing gained, so the job fails.
+    (A hang after a newer checkpoint is requeued again: tests/test_after_hang.py.)"""
+    tokens = write_tokens(tmp_path / "tokens.npy", 40_000, 300)
+    args = overrides(tokens, "trainer.max_steps=10", "trainer.save_interval=2", "trainer.step_timeout_s=6")
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    job_id = submit(cluster, out, args, job_env(cluster, run_dir, MEGOLMO_ENTRY="tests.workers.hung_step",
+                                                MEGOLMO_TEST_HANG_RANK="1", MEGOLMO_TEST_HANG_STEP="3,3"))
+    deadline = time.monotonic() + 180
+    while (state := job_state(cluster, job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+        assert time.monotonic() < deadline, (state, out.read_text() if out.exists() else "")
+        time.sleep(0.2)
+    log = out.read_text()
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", (state, log)
+    hung = [line for line in log.splitlines() if line.startswith("megolmo: hung")]
+    # the first dump's header (every rank was in the step), then where all of them are
+    dumps = (r"rank [01]: step 3, started \S+ \(trainer.step_timeout_s=6\); "
+             rf"stacks of ranks [01, ]+ in {re.escape(str(run_dir))}/hangs")
+    assert len(hung) == 2, log
+    assert re.fullmatch(rf"megolmo: hung \({dumps}\); a requeued job resumes from stage1-step2-tokens0B", hung[0])
+    assert re.fullmatch(r"megolmo: hung again with no checkpoint since the last requeue \(stage1-step2-tokens0B\): "
+                        rf"not requeueing; {dumps}", hung[1]), hung
+    assert log.count(f"requeueing job {job_id} at") == 1 and "starting at step 2 from" in log, log
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()] == [1, 2]

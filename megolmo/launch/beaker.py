@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 try:
     from beaker import (Beaker, BeakerCancelationCode, BeakerConstraints, BeakerDataMount, BeakerEnvVar,
-                        BeakerExperimentSpec, BeakerImageSource, BeakerJob, BeakerJobPriority, BeakerTaskContext,
-                        BeakerTaskResources, BeakerTaskSpec, BeakerWorkload)
+                        BeakerExperimentSpec, BeakerImageSource, BeakerJob, BeakerJobPriority, BeakerRetrySpec,
+                        BeakerTaskContext, BeakerTaskResources, BeakerTaskSpec, BeakerWorkload)
     from beaker.common import to_nanoseconds
     from beaker.exceptions import BeakerError
 except ModuleNotFoundError:  # beaker-py is the optional extra `beaker`
@@ -79,6 +79,10 @@ class Submission:
     def replica_command(self) -> str:
         return self.spec.tasks[0].command[-1]
 
+    @property
+    def retries(self) -> int:
+        return self.spec.retry.allowed_task_retries if self.spec.retry is not None else 0
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing its usage, so that every mistake is one ``megolmo: error:`` line."""
@@ -92,6 +96,12 @@ class Parser(argparse.ArgumentParser):
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return int(text)
 
 
@@ -169,6 +179,9 @@ def parser() -> Parser:
                             help="the job may be preempted at any time (minimum runtime 0); it resumes on its own")
     preemption.add_argument("--min-runtime", type=duration, metavar="DURATION",
                             help="the time the job runs before it may be preempted, e.g. 4h")
+    p.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
+                   help="Beaker reruns a failed job up to N times, resuming from latest: for a hang, which the "
+                        "watchdog (trainer.step_timeout_s) turns into a failure, or a node lost (default 0)")
     p.add_argument("--name", type=beaker_name, help="the experiment's name (default: chosen by Beaker)")
     p.add_argument("--description", help="the experiment's description (default: nodes, GPUs and run directory)")
     p.add_argument("--port", type=positive_int, default=29500, help="the rendezvous port on the leader (default 29500)")
@@ -260,7 +273,8 @@ def experiment_spec(args: argparse.Namespace, overrides: list[str], config_yaml:
         host_networking=True, replicas=args.nodes, leader_selection=True, propagate_failure=True,
         propagate_preemption=True, synchronized_start_timeout=args.synchronized_start_timeout)
     description = args.description or f"megolmo: {args.nodes} x {args.gpus_per_node} GPUs, run directory {args.run_dir}"
-    return BeakerExperimentSpec(description=description, budget=args.budget, tasks=[task])
+    retry = BeakerRetrySpec(allowed_task_retries=args.retries) if args.retries else None
+    return BeakerExperimentSpec(description=description, budget=args.budget, tasks=[task], retry=retry)
 
 
 def plan(argv: Sequence[str]) -> tuple[Submission, argparse.Namespace]:
@@ -311,25 +325,38 @@ def exit_code(job: BeakerJob) -> int:
     return job.status.exit_code
 
 
-def follow(beaker: Beaker, workload: BeakerWorkload) -> int:
-    """Stream the leader's logs, across preemptions (after which Beaker starts new jobs), until it ends."""
+def next_job(job: BeakerJob, failures: int, retries: int) -> str | None:
+    """After the leader's ``job`` ended, having failed ``failures`` times before: the line announcing the job
+    Beaker starts next (after a preemption, or a failed exit with retries left), or None when the run has ended.
+    A job canceled otherwise (by hand, say) is not retried."""
+    if job.status.canceled_code in PREEMPTED:
+        return "megolmo: the job was preempted; following the leader once Beaker resumes it"
+    if not job.status.HasField("canceled") and exit_code(job) != 0 and failures < retries:
+        return f"megolmo: the job failed (exit {exit_code(job)}); following Beaker's retry {failures + 1} of {retries}"
+    return None
+
+
+def follow(beaker: Beaker, workload: BeakerWorkload, retries: int) -> int:
+    """Stream the leader's logs, across the new jobs of preemptions and retries, until the run ends."""
     seen: set[str] = set()
+    failures = 0
     while True:
         job = leader_job(beaker, workload, seen)
         for log in beaker.job.logs(job, follow=True):
             sys.stdout.write(log.message.decode(errors="replace"))
         job = beaker.job.get(job.id)
-        if job.status.canceled_code not in PREEMPTED:
+        if (line := next_job(job, failures, retries)) is None:
             return exit_code(job)
+        failures += job.status.canceled_code not in PREEMPTED
         seen.add(job.id)
-        print("megolmo: the job was preempted; following the leader once Beaker resumes it", flush=True)
+        print(line, flush=True)
 
 
 def submit(submission: Submission, follow_logs: bool) -> int:
     with Beaker.from_env(check_for_upgrades=False) as beaker:
         workload = create(beaker, submission)
         print(beaker.workload.url(workload), flush=True)
-        return follow(beaker, workload) if follow_logs else 0
+        return follow(beaker, workload, submission.retries) if follow_logs else 0
 
 
 def first_line(error: BaseException) -> str:
