@@ -23,7 +23,7 @@ from megolmo.launcher_report import report_failure
 # (srun --kill-on-bad-exit, torchrun, mpiexec), so the other ranks wait this long before theirs: a rank
 # that got there first would otherwise have rank 0 killed before it prints, leaving the job without its
 # one line of why (seen under load). Rank 0 exits at once; the launcher then ends the waiting ranks.
-REPORTER_LEAD_S = 10.0
+REPORTER_LEAD_S = 5.0
 
 
 def run(overrides: list[str]) -> None:

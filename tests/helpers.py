@@ -25,12 +25,14 @@ def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
     return run_torchrun(["-m", "megolmo.train", *overrides], nproc, timeout, env)
 
 
-def run_jobs(cases: dict[str, tuple[int, list[str]]], timeout_per_job: float = 120) -> None:
+def run_jobs(cases: dict[str, tuple[int, list[str]]], timeout_per_job: float = 120) -> dict[str, str]:
     """Each case's training job (``name: (ranks, overrides)``), the cases of one world size one after another
-    in one launch (``tests/workers/runs.py``); fails naming the case that failed."""
+    in one launch (``tests/workers/runs.py``), in the order given; each case's console output. Fails naming
+    the cases of a launch that failed."""
     by_ranks: dict[int, list[tuple[str, list[str]]]] = defaultdict(list)
     for name, (ranks, overrides) in cases.items():
         by_ranks[ranks].append((name, ["trainer.plots=false", *overrides]))
+    consoles = {}
     for ranks, jobs in sorted(by_ranks.items()):
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="jobs-", delete=False) as listing:
             json.dump(jobs, listing)
@@ -43,6 +45,10 @@ def run_jobs(cases: dict[str, tuple[int, list[str]]], timeout_per_job: float = 1
             result = run_worker("runs", [listing.name], ranks, timeout)
         os.unlink(listing.name)
         assert result.returncode == 0, f"{ranks} ranks, {[name for name, _ in jobs]}: {result.stderr[-4000:]}"
+        for part in result.stdout.split("=== case ")[1:]:  # tests/workers/runs.py's CASE_MARKER
+            name, _, console = part.partition("\n")
+            consoles[name] = console
+    return consoles
 
 
 def run_worker(name: str, args: list[str], nproc: int, timeout: float = 240,

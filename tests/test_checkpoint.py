@@ -18,7 +18,7 @@ from megolmo.errors import MegolmoConfigError
 from megolmo.optim.schedule import learning_rate
 from megolmo.trainer import Trainer
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, run_entry_point
+from tests.helpers import ROOT, run_entry_point, run_jobs
 
 STEPS = 10
 
@@ -62,20 +62,31 @@ def test_exact_resume_is_bit_identical(tmp_path, tokens, straight):
     assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("first, second", [
-    ((4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
-     (4, ["parallel.distributed_optimizer=true"])),
-    ((4, ["parallel.distributed_optimizer=true", "parallel.bucket_size=30000"]),
-     (4, ["parallel.tensor=2", "parallel.pipeline=2"])),
-], ids=["tp2pp2-to-dp4-zero1", "dp4-zero1-to-tp2pp2"])
-def test_resharded_resume(tmp_path, tokens, straight, first, second):
-    run = tmp_path / "run"
-    result = run_entry_point(overrides(run, tokens, "trainer.stop_at=5", *first[1]), nproc=first[0])
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_entry_point(overrides(run, tokens, *second[1]), nproc=second[0])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "starting at step 5" in result.stdout
-    for a, b in zip(losses(straight), losses(run), strict=True):
+RESHARDED = {  # name: (layout of the first 5 steps, layout of the rest), 4 ranks each
+    "tp2pp2-to-dp4-zero1": (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"],
+                            ["parallel.distributed_optimizer=true"]),
+    "dp4-zero1-to-tp2pp2": (["parallel.distributed_optimizer=true", "parallel.bucket_size=30000"],
+                            ["parallel.tensor=2", "parallel.pipeline=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory, tokens) -> tuple[Path, dict[str, str]]:
+    """Every case's two jobs in one 4-rank launch, each second job after its first; the consoles."""
+    base = tmp_path_factory.mktemp("resharded")
+    jobs = {}
+    for part in (0, 1):
+        for name, layouts in RESHARDED.items():
+            stop = ["trainer.stop_at=5"] if part == 0 else []
+            jobs[f"{name}/{part}"] = (4, overrides(base / name, tokens, *stop, *layouts[part]))
+    return base, run_jobs(jobs)
+
+
+@pytest.mark.parametrize("name", list(RESHARDED))
+def test_resharded_resume(resharded, straight, name):
+    base, consoles = resharded
+    assert "starting at step 5" in consoles[f"{name}/1"]
+    for a, b in zip(losses(straight), losses(base / name), strict=True):
         assert b == pytest.approx(a, rel=1e-5)
 
 

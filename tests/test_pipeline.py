@@ -31,6 +31,7 @@ LAYOUTS = {  # name: (ranks, reference run, overrides)
     "pp4-zbv": (4, "masked8", ["parallel.pipeline=4", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zbv"]),
 }
 REFERENCES = {"single": [], "masked": ["MASK"], "masked8": ["MASK", "model.num_hidden_layers=8"]}
+ZBV = ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zbv"]
 
 
 def overrides(run_dir: Path, tokens: str, *extra: str) -> list[str]:
@@ -56,8 +57,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
              for name, extra in REFERENCES.items()}
     for name, (ranks, reference, extra) in LAYOUTS.items():
         cases[name] = (ranks, cases[reference][1] + extra)
-    run_jobs({name: (ranks, overrides(base / name, tokens, *extra)) for name, (ranks, extra) in cases.items()})
-    return {name: base / name for name in cases}
+    jobs = {name: (ranks, overrides(base / name, tokens, *extra)) for name, (ranks, extra) in cases.items()}
+    # test_a_zbv_checkpoint_resumes_under_1f1b's two jobs, one after the other in the same launch
+    jobs["zbv-then-1f1b/0"] = (2, overrides(base / "zbv-then-1f1b", tokens, mask, *ZBV, "trainer.stop_at=5"))
+    jobs["zbv-then-1f1b/1"] = (2, overrides(base / "zbv-then-1f1b", tokens, mask, "parallel.pipeline=2"))
+    consoles = run_jobs(jobs)
+    assert "starting at step 5 from" in consoles["zbv-then-1f1b/1"]
+    return {name: base / name for name in [*cases, "zbv-then-1f1b"]}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -144,19 +150,14 @@ def test_first_stage_holds_at_most_p_activation_sets(runs):
         assert bubble["theoretical"] == pytest.approx((p - 1) / 8) and bubble["measured"] > 0
 
 
-def test_a_zbv_checkpoint_resumes_under_1f1b(runs, tmp_path):
+def test_a_zbv_checkpoint_resumes_under_1f1b(runs):
     """ZBV places chunks in a V (rank 0 holds the first and the last); its checkpoint, keyed by global
-    names, continues under plain 1F1B and gives the straight ZBV run's losses."""
-    tokens = str(runs["masked"].parent / "tokens.npy")
-    mask = f"data.label_mask_paths=[{runs['masked'].parent / 'mask.npy'}]"
-    zbv = ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.pipeline_schedule=zbv"]
-    first = run_entry_point(overrides(tmp_path / "run", tokens, mask, *zbv, "trainer.stop_at=5"), nproc=2)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_entry_point(overrides(tmp_path / "run", tokens, mask, "parallel.pipeline=2"), nproc=2)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "starting at step 5 from" in second.stdout
+    names, continues under plain 1F1B (from step 5: checked by the fixture) and gives the straight ZBV run's
+    losses."""
     straight = metrics(runs["pp2-zbv-dp2-zero1"])  # the same data and seed: ZBV at DP=2, ZeRO-1
-    for a, b in zip(straight[5:], metrics(tmp_path / "run")[5:]):
+    resumed = metrics(runs["zbv-then-1f1b"])
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(straight[5:], resumed[5:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 

@@ -1,6 +1,7 @@
 """Every option the README gives a tool (`tools/*.py ... --flag`) is one that tool's --help lists."""
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ USES = sorted({(tool, sub, flag)
                for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest)})
 
 
+@functools.cache  # a tool's --help costs seconds of imports; the README names several options of each
 def help_text(tool: str, sub: str) -> str:
     proc = subprocess.run([sys.executable, f"tools/{tool}.py", *([sub] if sub else []), "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -3,8 +3,9 @@ rank seconds of imports and a rendezvous, so the layout tests run all their case
 
     python -m torch.distributed.run --nproc-per-node N tests/workers/runs.py CASES.json
 
-CASES.json is a list of ``[name, overrides]``. A case that fails on any rank ends every rank (exit 1) after
-a line naming it, as the entry point does; the others' pending collectives fail and they exit too.
+CASES.json is a list of ``[name, overrides]``; rank 0 prints ``CASE_MARKER name`` before each case's console
+lines. A case that fails on any rank ends every rank (exit 1) after a line naming it, as the entry point
+does; the others' pending collectives fail and they exit too.
 """
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from megolmo.config import load_config
 from megolmo.parallel.state import shutdown
 from megolmo.trainer import Trainer
 
+CASE_MARKER = "=== case"
+
 
 def main(cases_file: str) -> None:
     for name, overrides in json.loads(Path(cases_file).read_text()):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{CASE_MARKER} {name}", flush=True)
         try:
             Trainer(load_config(overrides)).fit()
         except BaseException:  # noqa: BLE001 - a failed case ends the launch, on every rank
