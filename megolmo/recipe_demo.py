@@ -23,11 +23,14 @@ from megolmo.stage2_soup import table
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_SET = ROOT / "data" / "demo_chat.jsonl"
 MODEL = ["model=tiny", "model.vocab_size=100352", "model.eos_token_id=100257", "model.pad_token_id=100277"]
-def shape(batch: int) -> list[str]:
-    return ["data.seq_len=64", f"trainer.global_batch_size={batch}", "trainer.micro_batch_size=2"]
 DOCUMENTS = {"stage1": 3000, "stage2": 1500, "held-out": 300}
 LAYOUTS = {1: [], 8: ["parallel=demo3d"]}
 QUESTION = "What is the capital of France?"
+
+
+def shape(batch: int) -> list[str]:
+    """Every job's sequences and batch: ``batch`` sequences of 64 tokens per step."""
+    return ["data.seq_len=64", f"trainer.global_batch_size={batch}", "trainer.micro_batch_size=2"]
 
 
 def train(ranks: int, batch: int, overrides: list[str], log: Path) -> None:
@@ -78,24 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     stage1, (s1, s2, s3) = out / "stage1", args.steps
     evaluation = [f"eval.lm.sets={{held: [{held}]}}"]
     train(args.ranks, args.batch, [f"data.paths=[{stage1_data}]", f"trainer.max_steps={s1}", "optim.lr=3e-3",
-                       f"optim.warmup_steps={min(10, s1 // 4)}", f"trainer.run_dir={stage1}", *evaluation], out / "stage1.log")
+                                   f"optim.warmup_steps={min(10, s1 // 4)}", f"trainer.run_dir={stage1}", *evaluation],
+          out / "stage1.log")
     ingredients = []
     for k in (1, 2, 3):
         ingredients.append(out / f"stage2-ingredient{k}")
-        train(args.ranks, args.batch, [f"load_path={stage1}", "reset_trainer_state=true", "optim.lr_from_load_path=true",
-                           "optim.schedule=linear", "optim.warmup_steps=0", f"data.paths=[{stage2_data}]",
-                           f"data.seed={k}", f"trainer.max_steps={s2}", "trainer.stage=2", f"trainer.ingredient={k}",
-                           f"trainer.run_dir={ingredients[-1]}"], out / f"stage2-ingredient{k}.log")
+        train(args.ranks, args.batch, [
+            f"load_path={stage1}", "reset_trainer_state=true", "optim.lr_from_load_path=true", "optim.schedule=linear",
+            "optim.warmup_steps=0", f"data.paths=[{stage2_data}]", f"data.seed={k}", f"trainer.max_steps={s2}",
+            "trainer.stage=2", f"trainer.ingredient={k}", f"trainer.run_dir={ingredients[-1]}"],
+            out / f"stage2-ingredient{k}.log")
     run_logged([sys.executable, "tools/stage2_soup.py", *map(str, ingredients), "--output", str(out / "soup"),
-                "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *shape(args.batch)], out / "soup.log")
+                "--lm-sets", f"held={held}", "--tokenizer", str(tokenizer), "--", *shape(args.batch)],
+               out / "soup.log")
     soup = next(p for p in (out / "soup").iterdir() if p.name.startswith("stage2-soup") and not p.name.endswith("-hf"))
     sft_data = out / "data" / "sft"
     run_logged([sys.executable, "tools/prepare_sft.py", "--tokenizer", str(tokenizer), "--output", str(sft_data),
                 "--seq-len", "64", str(CHAT_SET)], out / "prepare-sft.log")
-    train(args.ranks, args.batch, [f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
-                       f"data.paths=[{sft_data / 'input_ids.npy'}]", f"data.label_mask_paths=[{sft_data / 'label_mask.npy'}]",
-                       "optim.lr=1e-3", "optim.schedule=linear", f"optim.warmup_steps={min(4, s3 // 4)}", f"trainer.max_steps={s3}",
-                       f"trainer.run_dir={out / 'sft'}"], out / "sft.log")
+    train(args.ranks, args.batch, [
+        f"load_path={soup}", "reset_trainer_state=true", "reset_optimizer_state=true",
+        f"data.paths=[{sft_data / 'input_ids.npy'}]", f"data.label_mask_paths=[{sft_data / 'label_mask.npy'}]",
+        "optim.lr=1e-3", "optim.schedule=linear", f"optim.warmup_steps={min(4, s3 // 4)}", f"trainer.max_steps={s3}",
+        f"trainer.run_dir={out / 'sft'}"], out / "sft.log")
     hf_dir = out / "sft-hf"
     sft_checkpoint = out / "sft" / "checkpoints" / "latest"
     run_logged([sys.executable, "tools/convert_checkpoint.py", "megolmo-to-hf", str(sft_checkpoint), str(hf_dir),

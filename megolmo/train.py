@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 import traceback
@@ -19,11 +20,7 @@ from megolmo.callbacks.stop_requests import PREEMPTED_EXIT_CODE
 from megolmo.errors import MegolmoConfigError, TrainingDivergedError
 from megolmo.launcher_report import report_failure
 
-# An error every rank raises is printed by rank 0 alone. Launchers stop every rank at the first exit
-# (srun --kill-on-bad-exit, torchrun, mpiexec), so the other ranks wait this long before theirs: a rank
-# that got there first would otherwise have rank 0 killed before it prints, leaving the job without its
-# one line of why (seen under load). Rank 0 exits at once; the launcher then ends the waiting ranks.
-REPORTER_LEAD_S = 5.0
+REPORTER_LEAD_S = 5.0  # see let_rank_0_exit_first
 
 
 def run(overrides: list[str]) -> None:
@@ -54,9 +51,9 @@ def run(overrides: list[str]) -> None:
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
         report_failure(line)
-        if rank != 0:
-            time.sleep(REPORTER_LEAD_S)
         exit_code = 2 if isinstance(error, MegolmoConfigError) else 1
+        if rank != 0:
+            let_rank_0_exit_first(exit_code)
     except RendezvousError as error:  # each rank finds it out on its own: no peer to blame, none to wait for
         line = f"megolmo: rank {rank}: error: {error}"
         print(line, file=sys.stderr, flush=True)
@@ -88,6 +85,16 @@ def run(overrides: list[str]) -> None:
     gc.collect()
     shutdown()
     sys.exit(exit_code)
+
+
+def let_rank_0_exit_first(exit_code: int) -> None:
+    """An error every rank raises is printed by rank 0 alone, and launchers stop every rank at the first
+    exit (srun --kill-on-bad-exit, torchrun, mpiexec): a rank that got there first would have rank 0
+    killed before it prints, and the job would end without its one line of why (seen under load). So the
+    other ranks wait ``REPORTER_LEAD_S`` first. The launcher's SIGTERM, once rank 0 has exited, ends the
+    wait with the same exit code, so that the job's code stays the error's (2 for a config error)."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(exit_code))
+    time.sleep(REPORTER_LEAD_S)
 
 
 def fit(trainer) -> int:

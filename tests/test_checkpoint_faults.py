@@ -22,7 +22,7 @@ from megolmo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megolmo.run_dir import RunDirectory
 from tests.checkpoint_contents import assert_same_contents
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, free_port, run_entry_point, run_worker
+from tests.helpers import ROOT, free_port, run_entry_point, run_jobs, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +61,20 @@ INTERVAL_RUN = ["trainer.save_interval=5", "trainer.keep_last=10"]
 
 
 @pytest.fixture(scope="module")
-def synchronous(tmp_path_factory, tokens) -> Path:
-    run = tmp_path_factory.mktemp("sync") / "run"
-    ok(run_entry_point(overrides(run, tokens, 20, *INTERVAL_RUN), nproc=2))
-    return run
+def interval_runs(tmp_path_factory, tokens) -> tuple[Path, dict[str, str]]:
+    """20 steps on 2 ranks with a save every 5, synchronous and asynchronous, in one launch; the consoles."""
+    base = tmp_path_factory.mktemp("interval")
+    return base, run_jobs({"sync": (2, overrides(base / "sync", tokens, 20, *INTERVAL_RUN)),
+                           "async": (2, overrides(base / "async", tokens, 20, *INTERVAL_RUN, "trainer.async_save=true"))})
 
 
-def test_asynchronous_saves_change_nothing_but_the_wait(tmp_path, tokens, synchronous):
-    run = tmp_path / "async"
-    result = run_entry_point(overrides(run, tokens, 20, *INTERVAL_RUN, "trainer.async_save=true"), nproc=2)
-    ok(result)
+@pytest.fixture(scope="module")
+def synchronous(interval_runs) -> Path:
+    return interval_runs[0] / "sync"
+
+
+def test_asynchronous_saves_change_nothing_but_the_wait(interval_runs, synchronous):
+    run, console = interval_runs[0] / "async", interval_runs[1]["async"]
     assert losses(run) == losses(synchronous)
     saved, reference = checkpoints(run), checkpoints(synchronous)
     assert [p.name for p in saved] == [p.name for p in reference] == [
@@ -78,9 +82,9 @@ def test_asynchronous_saves_change_nothing_but_the_wait(tmp_path, tokens, synchr
     for mine, theirs in zip(saved, reference):
         assert_same_contents(mine, theirs)
     for step in (5, 10, 15):
-        assert f"saving checkpoint {run}/checkpoints/stage1-step{step}-tokens0B in the background" in result.stdout
-        assert f"checkpoint {run}/checkpoints/stage1-step{step}-tokens0B complete" in result.stdout
-    assert f"saved checkpoint {run}/checkpoints/stage1-step20-tokens0B (training blocked" in result.stdout
+        assert f"saving checkpoint {run}/checkpoints/stage1-step{step}-tokens0B in the background" in console
+        assert f"checkpoint {run}/checkpoints/stage1-step{step}-tokens0B complete" in console
+    assert f"saved checkpoint {run}/checkpoints/stage1-step20-tokens0B (training blocked" in console
     blocked = {m["step"]: m["checkpoint_blocked_s"] for m in metrics(run) if "checkpoint_blocked_s" in m}
     assert sorted(blocked) == [6, 11, 16] and all(0 < s < 60 for s in blocked.values())
     assert not (run / "hangs").exists()
