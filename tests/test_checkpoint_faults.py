@@ -64,8 +64,8 @@ INTERVAL_RUN = ["trainer.save_interval=5", "trainer.keep_last=10"]
 def interval_runs(tmp_path_factory, tokens) -> tuple[Path, dict[str, str]]:
     """20 steps on 2 ranks with a save every 5, synchronous and asynchronous, in one launch; the consoles."""
     base = tmp_path_factory.mktemp("interval")
-    return base, run_jobs({"sync": (2, overrides(base / "sync", tokens, 20, *INTERVAL_RUN)),
-                           "async": (2, overrides(base / "async", tokens, 20, *INTERVAL_RUN, "trainer.async_save=true"))})
+    asynchronous = overrides(base / "async", tokens, 20, *INTERVAL_RUN, "trainer.async_save=true")
+    return base, run_jobs({"sync": (2, overrides(base / "sync", tokens, 20, *INTERVAL_RUN)), "async": (2, asynchronous)})
 
 
 @pytest.fixture(scope="module")

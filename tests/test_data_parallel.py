@@ -107,23 +107,39 @@ def test_distributed_optimizer_shards_state(runs):
     assert four["params"] >= one["params"] and four["grads"] >= one["grads"]  # not sharded (ZeRO-1)
 
 
-def reduction_probe(tmp_path: Path, data: list[str], ranks: int, *extra: str) -> dict:
-    out = tmp_path / "probe.json"
+PROBES = {  # name: (ranks, overrides): one training step's reductions and bucket events, as recorded
+    **{f"{'reduce-scatter' if distributed else 'all-reduce'}-mbs{mbs}": (
+        2, [f"trainer.micro_batch_size={mbs}", f"parallel.distributed_optimizer={str(distributed).lower()}"])
+       for distributed in (False, True) for mbs in (4, 1)},  # 1 and 4 micro-batches per rank
+    **{schedule: (4, ["trainer.micro_batch_size=1", "parallel.pipeline=2", f"parallel.virtual_pipeline={virtual}",
+                      f"parallel.pipeline_schedule={schedule}", "parallel.distributed_optimizer=true"])
+       for schedule, virtual in (("interleaved_zero_bubble", 1), ("zbv", 2))},
+}
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory, data) -> dict[str, dict]:
+    """Every probe (tests/workers/grad_reduction.py), those of one world size in one launch."""
+    base = tmp_path_factory.mktemp("probes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(free_port()), str(ROOT / "tests" / "workers" / "grad_reduction.py"), str(out),
-           *overrides(tmp_path / "run", data, "trainer.max_steps=2", "parallel.bucket_size=20000", *extra)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, (out.exists(), result.stdout[-2000:], result.stderr[-3000:])
-    return json.loads(out.read_text())
+    for ranks in sorted({ranks for ranks, _ in PROBES.values()}):
+        listing = base / f"probes{ranks}.json"
+        listing.write_text(json.dumps([
+            [str(base / f"{name}.json"), overrides(base / name, data["plain"], "trainer.max_steps=2",
+                                                   "parallel.bucket_size=20000", *extra)]
+            for name, (n, extra) in PROBES.items() if n == ranks]))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+               str(free_port()), str(ROOT / "tests" / "workers" / "grad_reduction.py"), str(listing)]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return {name: json.loads((base / f"{name}.json").read_text()) for name in PROBES}
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["all-reduce", "reduce-scatter"])
-def test_gradients_reduced_once_per_step_in_overlapped_buckets(tmp_path, data, distributed):
-    probes = {mbs: reduction_probe(tmp_path / f"mbs{mbs}", data["plain"], 2, f"trainer.micro_batch_size={mbs}",
-                                   f"parallel.distributed_optimizer={str(distributed).lower()}")
-              for mbs in (4, 1)}  # 1 and 4 micro-batches per rank
-    for probe in probes.values():
+def test_gradients_reduced_once_per_step_in_overlapped_buckets(probes, distributed):
+    kind = "reduce-scatter" if distributed else "all-reduce"
+    by_mbs = {mbs: probes[f"{kind}-mbs{mbs}"] for mbs in (4, 1)}
+    for probe in by_mbs.values():
         assert probe["buckets"] > 1
         assert probe["total_calls"] == probe["buckets"] * probe["steps"]  # once per step, never per micro-batch
         assert sum(nbytes for _, nbytes in probe["reductions"]) == probe["grad_buffer_bytes"]
@@ -132,17 +148,15 @@ def test_gradients_reduced_once_per_step_in_overlapped_buckets(tmp_path, data, d
         first_launch = events.index(["launch", 0])
         last_ready = max(i for i, (kind, _) in enumerate(events) if kind == "grad_ready")
         assert first_launch < last_ready  # bucket 0 went out while backward was still producing gradients
-    assert probes[1]["micro_batches"] == 4 and probes[4]["micro_batches"] == 1
-    assert probes[1]["reductions"] == probes[4]["reductions"]
+    assert by_mbs[1]["micro_batches"] == 4 and by_mbs[4]["micro_batches"] == 1
+    assert by_mbs[1]["reductions"] == by_mbs[4]["reductions"]
 
 
-@pytest.mark.parametrize("schedule, virtual", [("interleaved_zero_bubble", 1), ("zbv", 2)])
-def test_zero_bubble_weight_passes_release_buckets_early(tmp_path, data, schedule, virtual):
+@pytest.mark.parametrize("schedule", ["interleaved_zero_bubble", "zbv"])
+def test_zero_bubble_weight_passes_release_buckets_early(probes, schedule):
     """The library accumulates a zero-bubble schedule's weight gradients without autograd's hooks; the
     buckets still reduce once per step, and the first goes out while weight passes are still running."""
-    probe = reduction_probe(tmp_path, data["plain"], 4, "trainer.micro_batch_size=1", "parallel.pipeline=2",
-                            f"parallel.virtual_pipeline={virtual}", f"parallel.pipeline_schedule={schedule}",
-                            "parallel.distributed_optimizer=true")
+    probe = probes[schedule]
     assert probe["buckets"] > 1 and probe["micro_batches"] == 4
     assert probe["total_calls"] == probe["buckets"] * probe["steps"]
     assert sum(nbytes for _, nbytes in probe["reductions"]) == probe["grad_buffer_bytes"]

@@ -6,9 +6,11 @@ Bad layouts are launched through the real entry point.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -20,7 +22,8 @@ from megolmo.benchmarks.tensor_parallel import analytic_block_collectives, analy
 from megolmo.config import load_config
 from megolmo.model.init import initialize_parameters
 from megolmo.model.olmo2 import Olmo2ForCausalLM, shift_targets
-from megolmo.trainer import Trainer
+from megolmo.errors import MegolmoConfigError
+from megolmo.trainer import Trainer, check_model_layout
 from tests.conftest import write_tokens
 from tests.helpers import ROOT, free_port
 from tests.workers.tensor_parallel import (CFG, HF_BATCH, SEQ_LEN, STEPS, TRAIN_LAYOUTS, Z_WEIGHT,
@@ -187,17 +190,25 @@ def tiny(tmp_path, tokens: str, *extra: str) -> list[str]:
             f"trainer.run_dir={tmp_path / 'run'}", "parallel.timeout_s=60", *extra]
 
 
-BAD_LAYOUTS = {
+BAD_LAYOUTS = {  # launched as real ranks: a bad world size (found at start-up) and a bad model (by the trainer)
     "world": (["parallel.tensor=4"], "world size 2 is not divisible by parallel.tensor=4"),
     "heads": (["parallel.tensor=2", "model.hidden_size=96", "model.num_attention_heads=3",
                "model.num_key_value_heads=3"], "model.num_attention_heads=3 is not divisible by parallel.tensor=2"),
-    "kv-heads": (["parallel.tensor=2", "model.num_key_value_heads=1"],
-                 "model.num_key_value_heads=1 is not divisible by parallel.tensor=2"),
-    "intermediate": (["parallel.tensor=2", "model.intermediate_size=383"],
-                     "model.intermediate_size=383 is not divisible by parallel.tensor=2"),
-    "seq-len": (["parallel.tensor=2", "parallel.sequence_parallel=true", "data.seq_len=63"],
-                "data.seq_len=63 is not divisible by parallel.tensor=2"),
 }
+MODEL_LAYOUT_ERRORS = {  # the trainer's other TP rules, which the "heads" launch shows it checks on every rank
+    "kv-heads": ({"num_key_value_heads": 1}, False, 64,
+                 "model.num_key_value_heads=1 is not divisible by parallel.tensor=2"),
+    "intermediate": ({"intermediate_size": 383}, False, 64,
+                     "model.intermediate_size=383 is not divisible by parallel.tensor=2"),
+    "seq-len": ({}, True, 63, "data.seq_len=63 is not divisible by parallel.tensor=2"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_LAYOUT_ERRORS))
+def test_model_layout_rules_name_the_key(name):
+    changes, sequence_parallel, seq_len, message = MODEL_LAYOUT_ERRORS[name]
+    with pytest.raises(MegolmoConfigError, match=re.escape(message)):
+        check_model_layout(dataclasses.replace(CFG, **changes), 2, seq_len, sequence_parallel)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,15 @@
 """Counts the data-parallel gradient reductions of one training step, through a wrapper around the
 collectives ``megolmo.optim.grad_sync`` calls, and records the bucket events.
 
-``torchrun ... tests/workers/grad_reduction.py OUT.json <hydra overrides>``; rank 0 writes OUT.json.
+``torchrun ... tests/workers/grad_reduction.py PROBES.json``, PROBES.json a list of ``[OUT.json, overrides]``
+run one after another in the launch; rank 0 writes each OUT.json.
 """
 from __future__ import annotations
 
 import gc
 import json
 import sys
+from pathlib import Path
 
 from megolmo.optim import grad_sync
 from megolmo.parallel.state import shutdown
@@ -29,8 +31,8 @@ def _counting(name: str, real):
 grad_sync.all_reduce = _counting("all_reduce", grad_sync.all_reduce)
 grad_sync.reduce_scatter = _counting("reduce_scatter", grad_sync.reduce_scatter)
 
-if __name__ == "__main__":
-    out_path, overrides = sys.argv[1], sys.argv[2:]
+def probe(out_path: str, overrides: list[str]) -> None:
+    counted.clear()
     trainer = Trainer(load_config(overrides))
     trainer.fit()
     if trainer.ps.is_main:
@@ -41,5 +43,10 @@ if __name__ == "__main__":
                    "micro_batches": trainer.loader.num_micro_batches,
                    "events": [(kind, bucket) for kind, bucket, _ in events]}, open(out_path, "w"))
     del trainer
-    gc.collect()  # free the process groups (held in reference cycles through gradient hooks) ...
-    shutdown()  # ... and join gloo's threads before the interpreter exits
+    gc.collect()  # free the process groups (held in reference cycles through gradient hooks)
+
+
+if __name__ == "__main__":
+    for out, probe_overrides in json.loads(Path(sys.argv[1]).read_text()):
+        probe(out, probe_overrides)
+    shutdown()  # join gloo's threads before the interpreter exits
