@@ -105,6 +105,7 @@ def train(model: Olmo2ForCausalLM, steps: int, lr: float = 2e-3) -> tuple[list[f
 
 
 def test_float8_trains_fifty_steps_like_bf16_through_the_trainers_buffers_and_optimizer():
+    torch.set_num_threads(2)  # one process, 100 emulated steps: both cores (the suite's autouse fixture resets it)
     model = bf16_model()
     convert_to_float8(model, frozenset({0, CFG.num_hidden_layers - 1}))
     fp8_losses, _ = train(model, 50)
