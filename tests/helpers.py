@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CASE_MARKER = "=== case "  # tests/workers/runs.py's line before each job's console output
 
 
 def run_entry_point(overrides: list[str], nproc: int = 1, timeout: float = 240,
@@ -45,7 +46,7 @@ def run_jobs(cases: dict[str, tuple[int, list[str]]], timeout_per_job: float = 1
             result = run_worker("runs", [listing.name], ranks, timeout)
         os.unlink(listing.name)
         assert result.returncode == 0, f"{ranks} ranks, {[name for name, _ in jobs]}: {result.stderr[-4000:]}"
-        for part in result.stdout.split("=== case ")[1:]:  # tests/workers/runs.py's CASE_MARKER
+        for part in result.stdout.split(CASE_MARKER)[1:]:
             name, _, console = part.partition("\n")
             consoles[name] = console
     return consoles

@@ -3,16 +3,13 @@ bucketed reductions that happen once per step and overlap the backward pass."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import write_tokens
-from tests.helpers import ROOT, free_port, run_jobs
+from tests.helpers import run_jobs, run_worker
 
 STEPS = 6
 N_TOKENS = 40_000
@@ -121,16 +118,13 @@ PROBES = {  # name: (ranks, overrides): one training step's reductions and bucke
 def probes(tmp_path_factory, data) -> dict[str, dict]:
     """Every probe (tests/workers/grad_reduction.py), those of one world size in one launch."""
     base = tmp_path_factory.mktemp("probes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for ranks in sorted({ranks for ranks, _ in PROBES.values()}):
         listing = base / f"probes{ranks}.json"
         listing.write_text(json.dumps([
             [str(base / f"{name}.json"), overrides(base / name, data["plain"], "trainer.max_steps=2",
                                                    "parallel.bucket_size=20000", *extra)]
             for name, (n, extra) in PROBES.items() if n == ranks]))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-               str(free_port()), str(ROOT / "tests" / "workers" / "grad_reduction.py"), str(listing)]
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        result = run_worker("grad_reduction", [str(listing)], ranks, timeout=300)
         assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     return {name: json.loads((base / f"{name}.json").read_text()) for name in PROBES}
 

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -93,16 +93,13 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- option values ----------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def duration(text: str) -> str:
@@ -157,8 +154,8 @@ def parser() -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter,
                usage="%(prog)s [options] -- [training overrides]",
                description="Submit a multi-node megolmo training run as one Beaker experiment.")
-    p.add_argument("--nodes", type=positive_int, default=1, help="replicas, one per node (default 1)")
-    p.add_argument("--gpus-per-node", type=positive_int, default=8,
+    p.add_argument("--nodes", type=at_least(1), default=1, help="replicas, one per node (default 1)")
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8,
                    help="GPUs of each replica, one training process each (default 8)")
     p.add_argument("--cluster", action="append", required=True, help="a cluster the job may run on (repeatable)")
     p.add_argument("--image", type=image, required=True, help="beaker://IMAGE or docker://REF, with megolmo installed")
@@ -179,12 +176,12 @@ def parser() -> Parser:
                             help="the job may be preempted at any time (minimum runtime 0); it resumes on its own")
     preemption.add_argument("--min-runtime", type=duration, metavar="DURATION",
                             help="the time the job runs before it may be preempted, e.g. 4h")
-    p.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
+    p.add_argument("--retries", type=at_least(0), default=0, metavar="N",
                    help="Beaker reruns a failed job up to N times, resuming from latest: for a hang, which the "
                         "watchdog (trainer.step_timeout_s) turns into a failure, or a node lost (default 0)")
     p.add_argument("--name", type=beaker_name, help="the experiment's name (default: chosen by Beaker)")
     p.add_argument("--description", help="the experiment's description (default: nodes, GPUs and run directory)")
-    p.add_argument("--port", type=positive_int, default=29500, help="the rendezvous port on the leader (default 29500)")
+    p.add_argument("--port", type=at_least(1), default=29500, help="the rendezvous port on the leader (default 29500)")
     p.add_argument("--synchronized-start-timeout", type=duration, default="90m", metavar="DURATION",
                    help="how long scheduled replicas wait for all the others before the job fails (default 90m)")
     p.add_argument("--shared-memory", default="10GiB", help="/dev/shm of each replica, for NCCL (default 10GiB)")

@@ -19,14 +19,13 @@ from pathlib import Path
 from megolmo.config import load_config
 from megolmo.parallel.state import shutdown
 from megolmo.trainer import Trainer
-
-CASE_MARKER = "=== case"
+from tests.helpers import CASE_MARKER
 
 
 def main(cases_file: str) -> None:
     for name, overrides in json.loads(Path(cases_file).read_text()):
         if os.environ.get("RANK", "0") == "0":
-            print(f"{CASE_MARKER} {name}", flush=True)
+            print(f"{CASE_MARKER}{name}", flush=True)
         try:
             Trainer(load_config(overrides)).fit()
         except BaseException:  # noqa: BLE001 - a failed case ends the launch, on every rank
